@@ -1,0 +1,115 @@
+"""The config schema: every field with its default, and validation.
+
+Recipe files in `configs/` start from `base_config()` and change a few fields.
+The returned ConfigDict is locked, so a misspelled field raises at once.
+Field names follow the reference code (`m_plus`, `weight_rec`, ...).
+"""
+
+import ml_collections
+
+MODES = ('reference', 'fused')
+ARCHS = ('conv', 'mlp')
+DTYPES = ('float32', 'bfloat16', 'float16', 'float64')
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """All fields with defaults (the 64 px reference-widths model)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # Model (reference `networks.py`).
+  c.arch = 'conv'               # 'conv' (images) or 'mlp' (2-D toy data).
+  c.image_size = 64
+  c.channels = (128, 256, 512, 512)
+  c.image_channels = 3
+  c.hdim = 512
+  c.reference_layout = True     # extra 1x1 conv on 512->512 blocks (checkpoints).
+  c.dtype = 'float32'           # computation dtype; params stay float32.
+  c.data_dim = 2                # mlp only
+  c.mlp_hidden = (256, 256, 256)
+
+  # Objective (reference `main.py` flags).
+  c.mode = 'reference'          # 'reference' (exact) or 'fused' (one pass).
+  c.m_plus = 120.0
+  c.weight_rec = 0.05
+  c.weight_kl = 1.0
+  c.weight_neg = 0.5
+  c.num_vae_steps = 0           # plain-VAE warm-up steps (reference: num_vae epochs).
+
+  # Optimisers: two Adams, no schedule, no clipping, no weight decay.
+  c.lr_e = 2e-4
+  c.lr_g = 2e-4
+  c.adam_b1 = 0.9
+  c.adam_b2 = 0.999
+  c.adam_eps = 1e-8
+
+  # Batch and devices.
+  c.batch_size = 16             # global batch, over all devices and hosts.
+  c.sync_batch_stats = False    # reference multi-GPU runs do not sync BN.
+
+  # Data.
+  c.dataset = 'mnist_offline'   # TFDS name, 'folder', or a built-in offline set.
+  c.data_dir = ''               # TFDS data_dir, or the image folder for 'folder'.
+  c.split = 'train'
+  c.manual_dir = ''             # TFDS manual_dir (CelebA-HQ).
+  c.random_flip = True
+  c.shuffle_buffer = 10_000
+  c.on_corrupt_image = 'skip'   # 'skip' (warn and count) or 'error'.
+  c.eval_split_fraction = 0.0   # folder/offline sets: held-out fraction.
+
+  # Training loop.
+  c.num_train_steps = 1000
+  c.log_every_steps = 50
+  c.image_every_steps = 500
+  c.checkpoint_every_steps = 1000
+  c.max_to_keep = 3
+  c.num_image_samples = 64
+  c.on_nonfinite = 'stop'       # 'stop' (keep last good checkpoint) or 'skip'.
+  c.distributed = False         # jax.distributed.initialize() for multi-host.
+  return c.lock()
+
+
+def validate(config) -> None:
+  """Raises ValueError naming the field and the fix for an inconsistent config."""
+  def fail(msg):
+    raise ValueError(f'Invalid config: {msg}')
+
+  if config.arch not in ARCHS:
+    fail(f'arch={config.arch!r}; use one of {ARCHS}.')
+  if config.mode not in MODES:
+    fail(f'mode={config.mode!r}; use one of {MODES}.')
+  if config.dtype not in DTYPES:
+    fail(f'dtype={config.dtype!r}; use one of {DTYPES}.')
+  if config.arch == 'conv':
+    size, chans = config.image_size, tuple(config.channels)
+    if size < 8 or size & (size - 1):
+      fail(f'image_size={size} is not 4 * 2**n (8, 16, 32, ... 1024).')
+    if 4 * 2 ** len(chans) != size:
+      fail(f'image_size={size} does not match channels={chans}: the model '
+           f'downsamples len(channels)={len(chans)} times to 4x4, so it needs '
+           f'image_size={4 * 2 ** len(chans)} (or set channels to '
+           f'introvae_jax.channels_for({size})).')
+    if config.image_channels not in (1, 3):
+      fail(f'image_channels={config.image_channels}; use 1 or 3.')
+  if config.batch_size < 1:
+    fail(f'batch_size={config.batch_size} must be positive.')
+  for name in ('lr_e', 'lr_g', 'weight_rec', 'weight_kl', 'weight_neg', 'm_plus'):
+    if config[name] < 0:
+      fail(f'{name}={config[name]} must be >= 0.')
+  if config.num_vae_steps < 0:
+    fail(f'num_vae_steps={config.num_vae_steps} must be >= 0.')
+  if config.on_nonfinite not in ('stop', 'skip'):
+    fail(f"on_nonfinite={config.on_nonfinite!r}; use 'stop' or 'skip'.")
+  if config.on_corrupt_image not in ('skip', 'error'):
+    fail(f"on_corrupt_image={config.on_corrupt_image!r}; use 'skip' or 'error'.")
+
+
+def check_batch_divides(global_batch: int, num_devices: int) -> int:
+  """Per-device batch size, or a clear error when it does not divide."""
+  if global_batch % num_devices:
+    lo = global_batch - global_batch % num_devices
+    raise ValueError(
+        f'batch_size={global_batch} does not divide over {num_devices} devices; '
+        f'use a multiple of {num_devices} (e.g. --config.batch_size='
+        f'{lo or num_devices} or {lo + num_devices}).')
+  return global_batch // num_devices

@@ -1,0 +1,229 @@
+"""IntroVAE encoder and decoder as pure Flax modules.
+
+The convolutional models follow the authors' `networks.py` (hhb072/IntroVAE):
+residual blocks with BatchNorm and LeakyReLU(0.2) after the skip addition,
+average-pool downsampling, nearest-neighbour upsampling and a linear output.
+All state lives in the variables `params` and `batch_stats`.
+"""
+
+from typing import Any, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# Widths of the reference 256 px model; smaller sizes keep its last entries so
+# every spatial resolution has the same width as in the 256 px model.
+_CHANNELS_256 = (32, 64, 128, 256, 512, 512)
+_CHANNELS_512 = (16, 32, 64, 128, 256, 512, 512)
+_CHANNELS_1024 = (16, 32, 64, 128, 256, 512, 512, 512)
+
+# CPython caches small ints, so the reference's `inc is not outc` test is only
+# true for equal widths above this value that come from two list entries.
+_PY_SMALL_INT_MAX = 256
+
+
+def channels_for(image_size: int) -> Tuple[int, ...]:
+  """Reference channel widths for a square image size (32 ... 1024 px)."""
+  if image_size == 1024:
+    return _CHANNELS_1024
+  if image_size == 512:
+    return _CHANNELS_512
+  depth = {32: 3, 64: 4, 128: 5, 256: 6}.get(image_size)
+  if depth is None:
+    raise ValueError(
+        f'No reference channel recipe for image_size={image_size}; choose one of '
+        '32, 64, 128, 256, 512, 1024 or set config.channels explicitly.')
+  return _CHANNELS_256[len(_CHANNELS_256) - depth:]
+
+
+def image_size_for(channels: Sequence[int]) -> int:
+  """Image size implied by a channel list: 4 * 2**len(channels)."""
+  return 4 * 2 ** len(channels)
+
+
+def _has_skip_conv(c_in: int, c_out: int, from_two_entries: bool,
+                   reference_layout: bool) -> bool:
+  if c_in != c_out:
+    return True
+  return reference_layout and from_two_entries and c_in > _PY_SMALL_INT_MAX
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm with PyTorch's semantics (the reference's `nn.BatchNorm2d`).
+
+  Normalises with the biased batch variance, but updates `var` with the
+  unbiased one (n / (n - 1)) as PyTorch does; `momentum` is PyTorch's (weight
+  of the new batch). With `axis_name`, statistics are averaged across devices.
+  """
+  momentum: float = 0.1
+  epsilon: float = 1e-5
+  axis_name: Optional[str] = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, use_running_average: bool = False):
+    features = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (features,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (features,), jnp.float32)
+    ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,),
+                            jnp.float32)
+    ra_var = self.variable('batch_stats', 'var', jnp.ones, (features,),
+                           jnp.float32)
+    if use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      xf = x.astype(jnp.float32)
+      axes = tuple(range(x.ndim - 1))
+      mean = jnp.mean(xf, axes)
+      mean_sq = jnp.mean(jnp.square(xf), axes)
+      count = x.size // features
+      if self.axis_name is not None:
+        mean, mean_sq = jax.lax.pmean((mean, mean_sq), self.axis_name)
+        count = count * jax.lax.axis_size(self.axis_name)
+      var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
+      if not self.is_initializing():
+        unbiased = var * (count / max(count - 1, 1))
+        m = self.momentum
+        ra_mean.value = (1 - m) * ra_mean.value + m * jax.lax.stop_gradient(mean)
+        ra_var.value = (1 - m) * ra_var.value + m * jax.lax.stop_gradient(unbiased)
+    mul = scale * jax.lax.rsqrt(var + self.epsilon)
+    y = (x.astype(jnp.float32) - mean) * mul + bias
+    return y.astype(self.dtype)
+
+
+class ResidualBlock(nn.Module):
+  """Reference `_Residual_Block`: BN and activation come after the skip add."""
+  features: int
+  skip_conv: bool
+  bn_axis_name: Optional[str] = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    conv = lambda f, k, name: nn.Conv(
+        f, (k, k), padding='SAME', use_bias=False, dtype=self.dtype, name=name)
+    bn = lambda name: BatchNorm(axis_name=self.bn_axis_name, dtype=self.dtype,
+                                name=name)
+    skip = conv(self.features, 1, 'conv_expand')(x) if self.skip_conv else x
+    h = conv(self.features, 3, 'conv1')(x)
+    h = nn.leaky_relu(bn('bn1')(h, not train), 0.2)
+    h = conv(self.features, 3, 'conv2')(h)
+    return nn.leaky_relu(bn('bn2')(h + skip, not train), 0.2)
+
+
+class Encoder(nn.Module):
+  """x [B, H, W, C] in [0, 1] -> (mu, logvar), each [B, hdim] in float32."""
+  channels: Sequence[int]
+  hdim: int
+  reference_layout: bool = True
+  bn_axis_name: Optional[str] = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    chans = tuple(self.channels)
+    if x.shape[1] != image_size_for(chans) or x.shape[2] != x.shape[1]:
+      raise ValueError(f'Encoder with channels={chans} expects '
+                       f'{image_size_for(chans)}px square images, got {x.shape}.')
+    block = lambda f, skip, name: ResidualBlock(
+        f, skip, self.bn_axis_name, self.dtype, name=name)
+    h = nn.Conv(chans[0], (5, 5), padding='SAME', use_bias=False,
+                dtype=self.dtype, name='conv_in')(x.astype(self.dtype))
+    h = BatchNorm(axis_name=self.bn_axis_name, dtype=self.dtype,
+                  name='bn_in')(h, not train)
+    h = nn.avg_pool(nn.leaky_relu(h, 0.2), (2, 2), (2, 2))
+    for i in range(1, len(chans)):
+      skip = _has_skip_conv(chans[i - 1], chans[i], True, self.reference_layout)
+      h = block(chans[i], skip, f'block_{i}')(h, train)
+      h = nn.avg_pool(h, (2, 2), (2, 2))
+    h = block(chans[-1], False, f'block_{len(chans)}')(h, train)
+    h = h.reshape((h.shape[0], -1))
+    out = nn.Dense(2 * self.hdim, dtype=self.dtype, name='fc')(h)
+    mu, logvar = jnp.split(out.astype(jnp.float32), 2, axis=-1)
+    return mu, logvar
+
+
+class Decoder(nn.Module):
+  """z [B, hdim] -> image [B, H, W, image_channels] (linear output, float32)."""
+  channels: Sequence[int]
+  hdim: int
+  image_channels: int = 3
+  reference_layout: bool = True
+  bn_axis_name: Optional[str] = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, z, train: bool = True):
+    chans = tuple(self.channels)
+    block = lambda f, skip, name: ResidualBlock(
+        f, skip, self.bn_axis_name, self.dtype, name=name)
+    h = nn.Dense(chans[-1] * 16, dtype=self.dtype, name='fc')(z.astype(self.dtype))
+    h = nn.relu(h).reshape((z.shape[0], 4, 4, chans[-1]))
+    # The reference walks the list backwards; its first block pairs the last
+    # entry with itself (one list entry), later ones pair two adjacent entries.
+    prev = len(chans) - 1
+    for n, i in enumerate(reversed(range(len(chans)))):
+      skip = _has_skip_conv(chans[prev], chans[i], prev != i, self.reference_layout)
+      h = block(chans[i], skip, f'block_{n}')(h, train)
+      h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
+      prev = i
+    h = block(chans[0], False, f'block_{len(chans)}')(h, train)
+    out = nn.Conv(self.image_channels, (5, 5), padding='SAME', use_bias=True,
+                  dtype=self.dtype, name='conv_out')(h)
+    return out.astype(jnp.float32)
+
+
+class MLPEncoder(nn.Module):
+  """2-D toy encoder (Soft-IntroVAE): x [B, D] -> (mu, logvar), each [B, zdim]."""
+  zdim: int = 2
+  hidden: Sequence[int] = (256, 256, 256)
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    del train  # No BatchNorm; kept for a uniform interface.
+    h = x.astype(self.dtype)
+    for i, width in enumerate(self.hidden):
+      h = nn.relu(nn.Dense(width, dtype=self.dtype, name=f'fc_{i}')(h))
+    out = nn.Dense(2 * self.zdim, dtype=self.dtype, name='fc_out')(h)
+    mu, logvar = jnp.split(out.astype(jnp.float32), 2, axis=-1)
+    return mu, logvar
+
+
+class MLPDecoder(nn.Module):
+  """2-D toy decoder, the encoder mirrored: z [B, zdim] -> x [B, D]."""
+  data_dim: int = 2
+  hidden: Sequence[int] = (256, 256, 256)
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, z, train: bool = True):
+    del train
+    h = z.astype(self.dtype)
+    for i, width in enumerate(reversed(tuple(self.hidden))):
+      h = nn.relu(nn.Dense(width, dtype=self.dtype, name=f'fc_{i}')(h))
+    return nn.Dense(self.data_dim, dtype=self.dtype,
+                    name='fc_out')(h).astype(jnp.float32)
+
+
+def build_models(config, bn_axis_name: Optional[str] = None):
+  """(encoder, decoder) modules described by the model fields of `config`."""
+  m = config
+  dtype = jnp.dtype(m.dtype)
+  if m.arch == 'mlp':
+    return (MLPEncoder(m.hdim, tuple(m.mlp_hidden), dtype),
+            MLPDecoder(m.data_dim, tuple(m.mlp_hidden), dtype))
+  if m.arch != 'conv':
+    raise ValueError(f"config.arch must be 'conv' or 'mlp', got {m.arch!r}.")
+  kw = dict(channels=tuple(m.channels), hdim=m.hdim,
+            reference_layout=m.reference_layout, bn_axis_name=bn_axis_name,
+            dtype=dtype)
+  return Encoder(**kw), Decoder(image_channels=m.image_channels, **kw)
+
+
+def input_shape(config) -> Tuple[int, ...]:
+  """Shape of one example (no batch dimension) for `config`."""
+  if config.arch == 'mlp':
+    return (config.data_dim,)
+  return (config.image_size, config.image_size, config.image_channels)

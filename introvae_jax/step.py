@@ -1,0 +1,347 @@
+"""TrainState and the pure IntroVAE train step.
+
+`train_step(state, batch, config)` is a pure function: call it directly, wrap
+it in `jax.jit`, or in `jax.pmap(..., axis_name='batch')` with
+`axis_name='batch'` (see `make_train_step`). In reference mode it performs the
+authors' iteration exactly (paper Algorithm 1, hhb072/IntroVAE `main.py`):
+
+1. encoder update on L_E, with ng(.) = `jax.lax.stop_gradient` on the
+   reconstructions and prior samples it sees as fakes;
+2. decoder update on L_G, whose KLs come from the *updated* encoder, plus the
+   w_rec * L_AE gradient the reference keeps (it never zeroes the decoder's
+   gradient between its two backward passes).
+
+The work is arranged so nothing is computed twice (docs: introvae.md 3c): one
+VJP of the two decoder calls serves both the reconstruction cotangent and the
+G-step cotangents, and the G step differentiates the updated encoder with
+respect to its inputs only. BatchNorm runs in train mode for every call, each
+call normalising its own batch and updating running statistics in the
+reference's call order: decoder(z_p), decoder(z); encoder(x), encoder(ng x_r),
+encoder(ng x_p), encoder'(x_r), encoder'(x_p).
+
+Example, unmapped, from other JAX code::
+
+  state = create_train_state(config, jax.random.PRNGKey(0))
+  step = jax.jit(functools.partial(train_step, config=config))
+  state, metrics = step(state, images)          # images [B, H, W, C] in [0, 1]
+"""
+
+import functools
+from typing import Any, Mapping, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from introvae_jax import losses
+from introvae_jax import models
+from introvae_jax.configuration import check_batch_divides, validate
+
+AXIS_NAME = 'batch'
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step reads and writes; a pytree of arrays only."""
+  step: jax.Array
+  params_e: Any
+  batch_stats_e: Any
+  params_g: Any
+  batch_stats_g: Any
+  opt_state_e: Any
+  opt_state_g: Any
+  rng: jax.Array
+  skipped_steps: jax.Array   # non-finite updates skipped (on_nonfinite='skip')
+
+
+def make_optimizers(config):
+  """The reference's two Adams (E and G): no schedule, clipping or decay."""
+  adam = lambda lr: optax.adam(lr, b1=config.adam_b1, b2=config.adam_b2,
+                               eps=config.adam_eps)
+  return adam(config.lr_e), adam(config.lr_g)
+
+
+def create_train_state(config, rng) -> TrainState:
+  """Initialises both networks and optimisers (jitted; no data needed)."""
+  validate(config)
+  encoder, decoder = models.build_models(config)
+  tx_e, tx_g = make_optimizers(config)
+  shape = (2,) + models.input_shape(config)
+
+  @jax.jit
+  def init(rng):
+    rng, k_e, k_g = jax.random.split(rng, 3)
+    vars_e = encoder.init(k_e, jnp.zeros(shape, jnp.float32))
+    vars_g = decoder.init(k_g, jnp.zeros((2, config.hdim), jnp.float32))
+    params_e, params_g = vars_e['params'], vars_g['params']
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params_e=params_e, batch_stats_e=vars_e.get('batch_stats', {}),
+        params_g=params_g, batch_stats_g=vars_g.get('batch_stats', {}),
+        opt_state_e=tx_e.init(params_e), opt_state_g=tx_g.init(params_g),
+        rng=rng, skipped_steps=jnp.zeros((), jnp.int32))
+
+  return init(rng)
+
+
+def _apply(module, params, stats, x):
+  """One train-mode call; returns (output, updated batch_stats)."""
+  out, upd = module.apply({'params': params, 'batch_stats': stats}, x,
+                          train=True, mutable=['batch_stats'])
+  return out, upd.get('batch_stats', stats)
+
+
+def _global_mean(value, axis_name):
+  """Value of the cross-device mean, gradient of the local one.
+
+  The hinge acts on the batch-mean KL of the *global* batch; with this, each
+  device's gradient of relu(m - KL) uses the global hinge's active side, and
+  averaging gradients over devices gives the exact global-batch gradient.
+  """
+  if axis_name is None:
+    return value
+  return value + jax.lax.stop_gradient(jax.lax.pmean(value, axis_name) - value)
+
+
+def _pmean(tree, axis_name):
+  return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
+
+
+def draw_noise(rng, step, local_batch, hdim, axis_name=None):
+  """(eps, z_p) for this step, [local_batch, hdim] each.
+
+  Drawn for the global batch and sliced per device, so a step gives the same
+  numbers on any number of devices.
+  """
+  k_eps, k_prior = jax.random.split(jax.random.fold_in(rng, step))
+  n_dev, idx = 1, 0
+  if axis_name is not None:
+    n_dev, idx = jax.lax.axis_size(axis_name), jax.lax.axis_index(axis_name)
+  draw = lambda k: jax.lax.dynamic_slice_in_dim(
+      jax.random.normal(k, (n_dev * local_batch, hdim), jnp.float32),
+      idx * local_batch, local_batch)
+  return draw(k_eps), draw(k_prior)
+
+
+def _zero_metrics():
+  names = ('loss_rec', 'kl_real', 'kl_rec', 'kl_fake', 'kl_rec_g', 'kl_fake_g',
+           'loss_e', 'loss_g', 'grad_norm_e', 'grad_norm_g', 'mu_mean',
+           'logvar_mean', 'vae_phase')
+  return {k: jnp.zeros((), jnp.float32) for k in names}
+
+
+def _vae_update(nets, state, x, eps, z_p, config, axis_name):
+  """Warm-up: plain VAE, loss L_AE + KL, both optimisers step on it."""
+  del z_p
+  (encoder, decoder), (tx_e, tx_g) = nets
+
+  def loss_fn(params_e, params_g):
+    (mu, logvar), stats_e = _apply(encoder, params_e, state.batch_stats_e, x)
+    x_rec, stats_g = _apply(decoder, params_g, state.batch_stats_g,
+                            losses.reparameterize(mu, logvar, eps))
+    loss_rec = losses.reconstruction_loss(x, x_rec).mean()
+    kl_real = losses.kl_divergence(mu, logvar).mean()
+    aux = (loss_rec, kl_real, mu.mean(), logvar.mean(), stats_e, stats_g)
+    return losses.vae_loss(loss_rec, kl_real), aux
+
+  (loss, aux), (g_e, g_g) = jax.value_and_grad(loss_fn, argnums=(0, 1),
+                                               has_aux=True)(state.params_e,
+                                                             state.params_g)
+  loss_rec, kl_real, mu_mean, logvar_mean, stats_e, stats_g = aux
+  g_e, g_g = _pmean((g_e, g_g), axis_name)
+  params_e, opt_e = _adam_step(tx_e, g_e, state.opt_state_e, state.params_e)
+  params_g, opt_g = _adam_step(tx_g, g_g, state.opt_state_g, state.params_g)
+  metrics = _zero_metrics()
+  metrics.update(loss_rec=loss_rec, kl_real=kl_real, loss_e=loss, loss_g=loss,
+                 grad_norm_e=optax.global_norm(g_e),
+                 grad_norm_g=optax.global_norm(g_g), mu_mean=mu_mean,
+                 logvar_mean=logvar_mean, vae_phase=jnp.ones((), jnp.float32))
+  return (params_e, stats_e, opt_e, params_g, stats_g, opt_g), metrics
+
+
+def _adam_step(tx, grads, opt_state, params):
+  updates, opt_state = tx.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state
+
+
+def _introspective_update(nets, state, x, eps, z_p, config, axis_name):
+  """One adversarial iteration, reference ('reference') or one-pass ('fused')."""
+  (encoder, decoder), (tx_e, tx_g) = nets
+  w_rec, w_kl, w_neg, m = (config.weight_rec, config.weight_kl,
+                           config.weight_neg, config.m_plus)
+
+  # Encoder on real images, with the reparameterised sample.
+  def encode_real(params_e):
+    (mu, logvar), stats = _apply(encoder, params_e, state.batch_stats_e, x)
+    return (mu, logvar, losses.reparameterize(mu, logvar, eps)), stats
+
+  (mu, logvar, z), enc_real_vjp, stats_e = jax.vjp(
+      encode_real, state.params_e, has_aux=True)
+
+  # Both decoder calls under one VJP: prior samples first, as the reference.
+  def decode(params_g, z):
+    x_fake, stats = _apply(decoder, params_g, state.batch_stats_g, z_p)
+    x_rec, stats = _apply(decoder, params_g, stats, z)
+    return (x_rec, x_fake), stats
+
+  (x_rec, x_fake), dec_vjp, stats_g = jax.vjp(decode, state.params_g, z,
+                                              has_aux=True)
+
+  loss_rec, g_x_rec = jax.value_and_grad(
+      lambda xr: losses.reconstruction_loss(x, xr).mean())(x_rec)
+  kl_real, (g_mu, g_logvar) = jax.value_and_grad(
+      lambda a, b: losses.kl_divergence(a, b).mean(), argnums=(0, 1))(mu, logvar)
+
+  # Encoder on the fakes. E-step: gradients to params_e only (ng on inputs).
+  def encode_fakes(params_e, stats, x_r, x_p):
+    (mu_r, lv_r), stats = _apply(encoder, params_e, stats, x_r)
+    (mu_p, lv_p), stats = _apply(encoder, params_e, stats, x_p)
+    kl_r = losses.kl_divergence(mu_r, lv_r).mean()
+    kl_p = losses.kl_divergence(mu_p, lv_p).mean()
+    return (kl_r, kl_p), stats
+
+  def hinge_cotangent(kl_r, kl_p):
+    """d L_E / d (kl_rec, kl_fake), hinge on the global batch-mean KL."""
+    scale = -w_kl * 0.5 * w_neg
+    return (scale * (m - _pmean(kl_r, axis_name) > 0).astype(jnp.float32),
+            scale * (m - _pmean(kl_p, axis_name) > 0).astype(jnp.float32))
+
+  sg = jax.lax.stop_gradient
+  if config.mode == 'reference':
+    (kl_rec, kl_fake), fakes_vjp, stats_e = jax.vjp(
+        lambda p: encode_fakes(p, stats_e, sg(x_rec), sg(x_fake)),
+        state.params_e, has_aux=True)
+    (g_e_adv,) = fakes_vjp(hinge_cotangent(kl_rec, kl_fake))
+  else:  # 'fused': one forward of E on the fakes, shared by both updates.
+    (kl_rec, kl_fake), fakes_vjp, stats_e = jax.vjp(
+        lambda p, xr, xp: encode_fakes(p, stats_e, xr, xp),
+        state.params_e, x_rec, x_fake, has_aux=True)
+    g_e_adv = fakes_vjp(hinge_cotangent(kl_rec, kl_fake))[0]
+
+  # The reconstruction term reaches the encoder through z.
+  _, g_z = dec_vjp((w_rec * g_x_rec, jnp.zeros_like(x_fake)))
+  (g_e_real,) = enc_real_vjp((w_kl * g_mu, w_kl * g_logvar, g_z))
+  g_e = _pmean(jax.tree_util.tree_map(jnp.add, g_e_real, g_e_adv), axis_name)
+  params_e, opt_e = _adam_step(tx_e, g_e, state.opt_state_e, state.params_e)
+  loss_e = losses.encoder_loss(
+      loss_rec, kl_real, _pmean(kl_rec, axis_name), _pmean(kl_fake, axis_name),
+      m_plus=m, weight_rec=w_rec, weight_kl=w_kl, weight_neg=w_neg)
+
+  # Decoder step: KLs of the fakes under the updated encoder (reference) or
+  # the same forward (fused), differentiated w.r.t. the images only.
+  half = jnp.asarray(0.5 * w_kl, jnp.float32)
+  if config.mode == 'reference':
+    (kl_rec_g, kl_fake_g), g_vjp, stats_e = jax.vjp(
+        lambda xr, xp: encode_fakes(params_e, stats_e, xr, xp),
+        x_rec, x_fake, has_aux=True)
+    g_xr_g, g_xp_g = g_vjp((half, half))
+  else:
+    kl_rec_g, kl_fake_g = kl_rec, kl_fake
+    _, g_xr_g, g_xp_g = fakes_vjp((half, half))
+  g_g, _ = dec_vjp((w_rec * g_x_rec + g_xr_g, g_xp_g))
+  g_g = _pmean(g_g, axis_name)
+  params_g, opt_g = _adam_step(tx_g, g_g, state.opt_state_g, state.params_g)
+  loss_g = losses.decoder_loss(loss_rec, kl_rec_g, kl_fake_g,
+                               weight_rec=w_rec, weight_kl=w_kl)
+
+  metrics = dict(
+      loss_rec=loss_rec, kl_real=kl_real, kl_rec=kl_rec, kl_fake=kl_fake,
+      kl_rec_g=kl_rec_g, kl_fake_g=kl_fake_g, loss_e=loss_e, loss_g=loss_g,
+      grad_norm_e=optax.global_norm(g_e), grad_norm_g=optax.global_norm(g_g),
+      mu_mean=mu.mean(), logvar_mean=logvar.mean(),
+      vae_phase=jnp.zeros((), jnp.float32))
+  return (params_e, stats_e, opt_e, params_g, stats_g, opt_g), metrics
+
+
+def train_step(state: TrainState, batch, config: ml_collections.ConfigDict, *,
+               axis_name: Optional[str] = None, noise=None):
+  """One IntroVAE iteration: (state, batch) -> (new_state, metrics).
+
+  Args:
+    state: a `TrainState` (replicated under pmap).
+    batch: images [B, H, W, C] in [0, 1] (or 2-D points [B, D] for the MLP
+      model), or a mapping with key 'image'. Under pmap, the per-device batch.
+    config: the run's ConfigDict (closed over, never traced).
+    axis_name: the pmap axis; gradients, KL means for the hinge and metrics
+      are averaged over it. BatchNorm statistics are synced over it too when
+      `config.sync_batch_stats`.
+    noise: optional (eps, z_p), each [B, hdim], to inject the random draws
+      (parity tests); by default drawn from `state.rng` and `state.step`.
+
+  Returns:
+    The new state and a dict of scalar float32 metrics (global means).
+  """
+  x = batch['image'] if isinstance(batch, Mapping) else batch
+  x = jnp.asarray(x, jnp.float32)
+  bn_axis = axis_name if config.sync_batch_stats else None
+  nets = (models.build_models(config, bn_axis), make_optimizers(config))
+  if noise is None:
+    noise = draw_noise(state.rng, state.step, x.shape[0], config.hdim, axis_name)
+  eps, z_p = noise
+  args = (nets, state, x, eps, z_p, config, axis_name)
+
+  if config.num_vae_steps > 0:
+    # Both phases live in one compiled function: no recompilation at the switch.
+    new, metrics = jax.lax.cond(
+        state.step < config.num_vae_steps,
+        lambda: _vae_update(*args), lambda: _introspective_update(*args))
+  else:
+    new, metrics = _introspective_update(*args)
+
+  params_e, stats_e, opt_e, params_g, stats_g, opt_g = new
+  # Replicas keep identical running statistics (each device saw its own batch).
+  stats_e, stats_g = _pmean((stats_e, stats_g), axis_name)
+  metrics = _pmean(metrics, axis_name)
+  finite = jnp.isfinite(metrics['loss_e']) & jnp.isfinite(metrics['loss_g'])
+  metrics['finite'] = finite.astype(jnp.float32)
+  new_state = state.replace(
+      step=state.step + 1, params_e=params_e, batch_stats_e=stats_e,
+      params_g=params_g, batch_stats_g=stats_g, opt_state_e=opt_e,
+      opt_state_g=opt_g)
+  if config.on_nonfinite == 'skip':
+    keep = lambda new_leaf, old_leaf: jnp.where(finite, new_leaf, old_leaf)
+    new_state = jax.tree_util.tree_map(keep, new_state, state).replace(
+        step=state.step + 1,
+        skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
+  return new_state, metrics
+
+
+def make_train_step(config, *, pmap: bool = True, donate: bool = True):
+  """The compiled step: pmapped over local devices (axis 'batch') or jitted.
+
+  The pmapped step takes a replicated state and batches shaped
+  [devices, per_device, ...]; the jitted one a plain state and [B, ...].
+  """
+  validate(config)
+  frozen = ml_collections.FrozenConfigDict(config)
+  donate_argnums = (0,) if donate else ()
+  if pmap:
+    check_batch_divides(config.batch_size, jax.device_count())
+    fn = functools.partial(train_step, config=frozen, axis_name=AXIS_NAME)
+    return jax.pmap(fn, axis_name=AXIS_NAME, donate_argnums=donate_argnums)
+  return jax.jit(functools.partial(train_step, config=frozen),
+                 donate_argnums=donate_argnums)
+
+
+def replicate(state: TrainState) -> TrainState:
+  """Copies a state onto every local device for the pmapped step."""
+  n = jax.local_device_count()
+  stack = lambda a: np.broadcast_to(np.asarray(a), (n,) + np.shape(a))
+  return jax.pmap(lambda s: s)(jax.tree_util.tree_map(stack, state))
+
+
+def unreplicate(state: TrainState) -> TrainState:
+  """The first device's copy of a replicated state."""
+  return jax.tree_util.tree_map(lambda a: a[0], state)
+
+
+def shard_batch(batch, num_devices: Optional[int] = None):
+  """[B, ...] -> [devices, B // devices, ...], with a clear error if B does not divide."""
+  n = num_devices or jax.local_device_count()
+  def reshape(a):
+    per = check_batch_divides(a.shape[0], n)
+    return a.reshape((n, per) + a.shape[1:])
+  return jax.tree_util.tree_map(reshape, batch)
