@@ -25,6 +25,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.hdim = 512
   c.reference_layout = True     # extra 1x1 conv on 512->512 blocks (checkpoints).
   c.dtype = 'float32'           # computation dtype; params stay float32.
+  c.conv_impl = 'xla'           # 'xla', 'im2col' (CPU lever) or 'auto'.
   c.data_dim = 2                # mlp only
   c.mlp_hidden = (256, 256, 256)
 
@@ -78,6 +79,8 @@ def validate(config) -> None:
     fail(f'arch={config.arch!r}; use one of {ARCHS}.')
   if config.mode not in MODES:
     fail(f'mode={config.mode!r}; use one of {MODES}.')
+  if config.conv_impl not in ('auto', 'xla', 'im2col'):
+    fail(f"conv_impl={config.conv_impl!r}; use 'auto', 'xla' or 'im2col'.")
   if config.dtype not in DTYPES:
     fail(f'dtype={config.dtype!r}; use one of {DTYPES}.')
   if config.arch == 'conv':

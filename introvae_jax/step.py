@@ -94,16 +94,12 @@ def _apply(module, params, stats, x):
   return out, upd.get('batch_stats', stats)
 
 
-def _global_mean(value, axis_name):
-  """Value of the cross-device mean, gradient of the local one.
-
-  The hinge acts on the batch-mean KL of the *global* batch; with this, each
-  device's gradient of relu(m - KL) uses the global hinge's active side, and
-  averaging gradients over devices gives the exact global-batch gradient.
-  """
-  if axis_name is None:
-    return value
-  return value + jax.lax.stop_gradient(jax.lax.pmean(value, axis_name) - value)
+def _select(pred, on_true, on_false):
+  """tree-wise jnp.where; `pred` may be a Python bool."""
+  if pred is False:
+    return on_false
+  return jax.tree_util.tree_map(lambda a, b: jnp.where(pred, a, b),
+                                on_true, on_false)
 
 
 def _pmean(tree, axis_name):
@@ -126,66 +122,51 @@ def draw_noise(rng, step, local_batch, hdim, axis_name=None):
   return draw(k_eps), draw(k_prior)
 
 
-def _zero_metrics():
-  names = ('loss_rec', 'kl_real', 'kl_rec', 'kl_fake', 'kl_rec_g', 'kl_fake_g',
-           'loss_e', 'loss_g', 'grad_norm_e', 'grad_norm_g', 'mu_mean',
-           'logvar_mean', 'vae_phase')
-  return {k: jnp.zeros((), jnp.float32) for k in names}
-
-
-def _vae_update(nets, state, x, eps, z_p, config, axis_name):
-  """Warm-up: plain VAE, loss L_AE + KL, both optimisers step on it."""
-  del z_p
-  (encoder, decoder), (tx_e, tx_g) = nets
-
-  def loss_fn(params_e, params_g):
-    (mu, logvar), stats_e = _apply(encoder, params_e, state.batch_stats_e, x)
-    x_rec, stats_g = _apply(decoder, params_g, state.batch_stats_g,
-                            losses.reparameterize(mu, logvar, eps))
-    loss_rec = losses.reconstruction_loss(x, x_rec).mean()
-    kl_real = losses.kl_divergence(mu, logvar).mean()
-    aux = (loss_rec, kl_real, mu.mean(), logvar.mean(), stats_e, stats_g)
-    return losses.vae_loss(loss_rec, kl_real), aux
-
-  (loss, aux), (g_e, g_g) = jax.value_and_grad(loss_fn, argnums=(0, 1),
-                                               has_aux=True)(state.params_e,
-                                                             state.params_g)
-  loss_rec, kl_real, mu_mean, logvar_mean, stats_e, stats_g = aux
-  g_e, g_g = _pmean((g_e, g_g), axis_name)
-  params_e, opt_e = _adam_step(tx_e, g_e, state.opt_state_e, state.params_e)
-  params_g, opt_g = _adam_step(tx_g, g_g, state.opt_state_g, state.params_g)
-  metrics = _zero_metrics()
-  metrics.update(loss_rec=loss_rec, kl_real=kl_real, loss_e=loss, loss_g=loss,
-                 grad_norm_e=optax.global_norm(g_e),
-                 grad_norm_g=optax.global_norm(g_g), mu_mean=mu_mean,
-                 logvar_mean=logvar_mean, vae_phase=jnp.ones((), jnp.float32))
-  return (params_e, stats_e, opt_e, params_g, stats_g, opt_g), metrics
-
-
 def _adam_step(tx, grads, opt_state, params):
   updates, opt_state = tx.update(grads, opt_state, params)
   return optax.apply_updates(params, updates), opt_state
 
 
-def _introspective_update(nets, state, x, eps, z_p, config, axis_name):
-  """One adversarial iteration, reference ('reference') or one-pass ('fused')."""
+def _update(nets, state, x, eps, z_p, config, axis_name):
+  """One iteration, reference ('reference') or one-pass ('fused') mode.
+
+  The VAE warm-up is this same computation with w_rec = w_kl = 1 and no
+  adversarial terms (so L_E = L_AE + KL and the decoder's gradient is that of
+  L_AE), the running statistics of the fake-image calls discarded. Selecting
+  weights, rather than branching with `lax.cond`, keeps one compiled function
+  and XLA:CPU fast (a conditional made the step 15x slower there).
+  """
   (encoder, decoder), (tx_e, tx_g) = nets
-  w_rec, w_kl, w_neg, m = (config.weight_rec, config.weight_kl,
-                           config.weight_neg, config.m_plus)
+  warmup = (state.step < config.num_vae_steps) if config.num_vae_steps else False
+  phase = lambda warm, adv: jnp.where(warmup, warm, adv) if config.num_vae_steps \
+      else jnp.asarray(adv, jnp.float32)
+  w_rec = phase(1.0, config.weight_rec)
+  w_kl = phase(1.0, config.weight_kl)
+  w_neg, m = config.weight_neg, config.m_plus
+  w_adv = phase(0.0, w_kl * 0.5 * w_neg)     # on each hinge term in L_E
+  w_kl_g = phase(0.0, 0.5 * w_kl)            # on each KL term in L_G
 
   # Encoder on real images, with the reparameterised sample.
   def encode_real(params_e):
     (mu, logvar), stats = _apply(encoder, params_e, state.batch_stats_e, x)
     return (mu, logvar, losses.reparameterize(mu, logvar, eps)), stats
 
-  (mu, logvar, z), enc_real_vjp, stats_e = jax.vjp(
+  (mu, logvar, z), enc_real_vjp, stats_e_real = jax.vjp(
       encode_real, state.params_e, has_aux=True)
+  stats_e = stats_e_real
 
-  # Both decoder calls under one VJP: prior samples first, as the reference.
+  # Both decoder calls under one VJP. Each starts from the old running
+  # statistics; chaining them as the reference does (prior samples first) is
+  # linear, r2 = s_rec + (1 - momentum) * (s_fake - r), and the warm-up keeps
+  # s_rec alone.
   def decode(params_g, z):
-    x_fake, stats = _apply(decoder, params_g, state.batch_stats_g, z_p)
-    x_rec, stats = _apply(decoder, params_g, stats, z)
-    return (x_rec, x_fake), stats
+    r = state.batch_stats_g
+    x_fake, s_fake = _apply(decoder, params_g, r, z_p)
+    x_rec, s_rec = _apply(decoder, params_g, r, z)
+    keep = 1.0 - models.BN_MOMENTUM
+    chained = jax.tree_util.tree_map(lambda a, b, c: a + keep * (b - c),
+                                     s_rec, s_fake, r)
+    return (x_rec, x_fake), _select(warmup, s_rec, chained)
 
   (x_rec, x_fake), dec_vjp, stats_g = jax.vjp(decode, state.params_g, z,
                                               has_aux=True)
@@ -204,8 +185,12 @@ def _introspective_update(nets, state, x, eps, z_p, config, axis_name):
     return (kl_r, kl_p), stats
 
   def hinge_cotangent(kl_r, kl_p):
-    """d L_E / d (kl_rec, kl_fake), hinge on the global batch-mean KL."""
-    scale = -w_kl * 0.5 * w_neg
+    """d L_E / d (kl_rec, kl_fake) for the hinge on the *global* batch-mean KL.
+
+    Each device uses the global hinge's active side with its local KL mean;
+    averaging gradients over devices then gives the global-batch gradient.
+    """
+    scale = -w_adv
     return (scale * (m - _pmean(kl_r, axis_name) > 0).astype(jnp.float32),
             scale * (m - _pmean(kl_p, axis_name) > 0).astype(jnp.float32))
 
@@ -228,11 +213,11 @@ def _introspective_update(nets, state, x, eps, z_p, config, axis_name):
   params_e, opt_e = _adam_step(tx_e, g_e, state.opt_state_e, state.params_e)
   loss_e = losses.encoder_loss(
       loss_rec, kl_real, _pmean(kl_rec, axis_name), _pmean(kl_fake, axis_name),
-      m_plus=m, weight_rec=w_rec, weight_kl=w_kl, weight_neg=w_neg)
+      m_plus=m, weight_rec=w_rec, weight_kl=w_kl, weight_neg=phase(0.0, w_neg))
 
   # Decoder step: KLs of the fakes under the updated encoder (reference) or
   # the same forward (fused), differentiated w.r.t. the images only.
-  half = jnp.asarray(0.5 * w_kl, jnp.float32)
+  half = w_kl_g
   if config.mode == 'reference':
     (kl_rec_g, kl_fake_g), g_vjp, stats_e = jax.vjp(
         lambda xr, xp: encode_fakes(params_e, stats_e, xr, xp),
@@ -245,14 +230,15 @@ def _introspective_update(nets, state, x, eps, z_p, config, axis_name):
   g_g = _pmean(g_g, axis_name)
   params_g, opt_g = _adam_step(tx_g, g_g, state.opt_state_g, state.params_g)
   loss_g = losses.decoder_loss(loss_rec, kl_rec_g, kl_fake_g,
-                               weight_rec=w_rec, weight_kl=w_kl)
+                               weight_rec=w_rec, weight_kl=2.0 * w_kl_g)
+  stats_e = _select(warmup, stats_e_real, stats_e)
 
   metrics = dict(
       loss_rec=loss_rec, kl_real=kl_real, kl_rec=kl_rec, kl_fake=kl_fake,
       kl_rec_g=kl_rec_g, kl_fake_g=kl_fake_g, loss_e=loss_e, loss_g=loss_g,
       grad_norm_e=optax.global_norm(g_e), grad_norm_g=optax.global_norm(g_g),
       mu_mean=mu.mean(), logvar_mean=logvar.mean(),
-      vae_phase=jnp.zeros((), jnp.float32))
+      vae_phase=jnp.asarray(warmup, jnp.float32))
   return (params_e, stats_e, opt_e, params_g, stats_g, opt_g), metrics
 
 
@@ -281,16 +267,7 @@ def train_step(state: TrainState, batch, config: ml_collections.ConfigDict, *,
   if noise is None:
     noise = draw_noise(state.rng, state.step, x.shape[0], config.hdim, axis_name)
   eps, z_p = noise
-  args = (nets, state, x, eps, z_p, config, axis_name)
-
-  if config.num_vae_steps > 0:
-    # Both phases live in one compiled function: no recompilation at the switch.
-    new, metrics = jax.lax.cond(
-        state.step < config.num_vae_steps,
-        lambda: _vae_update(*args), lambda: _introspective_update(*args))
-  else:
-    new, metrics = _introspective_update(*args)
-
+  new, metrics = _update(nets, state, x, eps, z_p, config, axis_name)
   params_e, stats_e, opt_e, params_g, stats_g, opt_g = new
   # Replicas keep identical running statistics (each device saw its own batch).
   stats_e, stats_g = _pmean((stats_e, stats_g), axis_name)

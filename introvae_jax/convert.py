@@ -1,0 +1,515 @@
+"""Convert between the authors' PyTorch checkpoints and this project's variables.
+
+Import: a reference checkpoint (hhb072/IntroVAE `save_checkpoint` writes
+`{'epoch': e, 'model': <the whole pickled IntroVAE module>}`; a plain
+`state_dict`, or `{'model': state_dict}`, works too) becomes an Orbax
+checkpoint of a full `TrainState` (step 0, fresh Adam states), in the
+`CheckpointManager` layout `out/0/...` that the training loop and the sampling
+tools restore::
+
+  python -m introvae_jax.convert --torch_checkpoint=model_epoch_10_iter_0.pth \
+      --out=/tmp/introvae_ckpt [--config=configs/celebahq_256.py]
+
+Without `--config`, the model fields (channels, hdim, image size, image
+channels, the skip-convolution layout) are read off the checkpoint and the
+other fields are `base_config()`'s; with it, they must agree with the
+checkpoint. Export: this project's weights become a PyTorch `state_dict` with
+the reference's key names, loadable with the reference's
+`model.load_state_dict`::
+
+  python -m introvae_jax.convert --jax_checkpoint=/tmp/introvae_ckpt \
+      --out=introvae.pth [--step=N]
+
+Layout changes (reference NCHW / PyTorch -> this project NHWC / Flax):
+convolution kernels OIHW -> HWIO; dense weights [out, in] -> kernels
+[in, out]; the encoder's dense layer reads the last feature map flattened in
+(C, H, W) order and the decoder's dense layer writes one that is viewed as
+(C, 4, 4), while this project flattens and reshapes in (H, W, C) order, so
+those two dense layers' rows/columns are permuted; BatchNorm
+weight/bias/running_mean/running_var -> params scale/bias and batch_stats
+mean/var (`num_batches_tracked` is not used with momentum 0.1 and is dropped;
+export writes 0).
+
+Reading the pickled module needs no copy of the reference's source: unknown
+classes (`networks.IntroVAE`, `torch.nn.Conv2d`, ...) are replaced by a
+stand-in that only keeps the pickled attributes, and only torch's tensor
+rebuilding functions are resolved for real, so the file cannot run other code.
+"""
+
+import collections
+import os
+import pickle
+import re
+import types
+from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
+
+import numpy as np
+
+Arrays = Dict[str, np.ndarray]
+
+# ----------------------------------------------------------------------------
+# Reading reference checkpoints.
+
+
+class PickledObject:
+  """Stand-in for a class that is not importable (or not trusted).
+
+  Keeps the pickled attribute state; for a pickled `nn.Module` that includes
+  `_parameters`, `_buffers` and `_modules`.
+  """
+  pickled_class = '?'
+
+  def __init__(self, *args, **kwargs):
+    del args, kwargs
+
+  def __setstate__(self, state):
+    if isinstance(state, tuple) and len(state) == 2:  # (dict, slots)
+      state = {**(state[0] or {}), **(state[1] or {})}
+    if isinstance(state, dict):
+      self.__dict__.update(state)
+
+  def __repr__(self):
+    return f'<pickled {self.pickled_class}>'
+
+
+_ALLOWED_GLOBALS = {
+    ('collections', 'OrderedDict'): collections.OrderedDict,
+}
+_TORCH_GLOBALS = (
+    ('torch._utils', re.compile(r'_rebuild_\w+')),
+    ('torch', re.compile(r'\w*Storage|Size|device|float\d*|int\d*|uint8|bool|'
+                         r'half|bfloat16|double|long')),
+    ('torch.storage', re.compile(r'\w*Storage')),
+    ('torch.nn.parameter', re.compile(r'Parameter')),
+    ('torch._tensor', re.compile(r'Tensor')),
+)
+
+
+def _stand_in(module: str, name: str):
+  return type(name, (PickledObject,), {'pickled_class': f'{module}.{name}'})
+
+
+class _Unpickler(pickle.Unpickler):
+  """Resolves torch's tensor rebuilders for real, everything else as stand-ins."""
+
+  def find_class(self, module, name):
+    # Protocol-2 pickles name Python 2 modules (torch.save's default protocol).
+    module = {'__builtin__': 'builtins', 'copy_reg': 'copyreg'}.get(module, module)
+    if (module, name) in _ALLOWED_GLOBALS:
+      return _ALLOWED_GLOBALS[(module, name)]
+    if module == 'copyreg' and name in ('__newobj__', '_reconstructor'):
+      return super().find_class(module, name)
+    if module == 'builtins' and name in ('object', 'set', 'frozenset', 'slice'):
+      return super().find_class(module, name)
+    for mod, pattern in _TORCH_GLOBALS:
+      if module == mod and pattern.fullmatch(name):
+        return super().find_class(module, name)
+    return _stand_in(module, name)
+
+
+# What `torch.load(pickle_module=...)` uses: `Unpickler` and `load`.
+_pickle_module = types.SimpleNamespace(
+    __name__='introvae_jax_safe_pickle', Unpickler=_Unpickler,
+    load=lambda f, **kw: _Unpickler(f, **kw).load())
+
+
+def _torch():
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError('Reading or writing PyTorch checkpoints needs torch: '
+                      'pip install -r requirements-dev.txt') from e
+  return torch
+
+
+def _module_state(obj, prefix: str = '') -> Iterator[Tuple[str, Any]]:
+  """(key, tensor) pairs of a pickled module, in `state_dict()` naming."""
+  for kind in ('_parameters', '_buffers'):
+    non_persistent = getattr(obj, '_non_persistent_buffers_set', set())
+    for name, value in (getattr(obj, kind, None) or {}).items():
+      if value is not None and name not in non_persistent:
+        yield prefix + name, value
+  for name, child in (getattr(obj, '_modules', None) or {}).items():
+    if child is not None:
+      yield from _module_state(child, f'{prefix}{name}.')
+
+
+def load_reference_checkpoint(path: str) -> Arrays:
+  """A reference checkpoint file -> its state_dict as {key: np.ndarray}.
+
+  Accepts `{'epoch', 'model': module}` (the reference's own files),
+  `{'model': state_dict}` and plain state_dicts; strips a leading 'module.'
+  (DataParallel wrappers).
+  """
+  torch = _torch()
+  obj = torch.load(path, map_location='cpu', pickle_module=_pickle_module,
+                   weights_only=False)
+  if isinstance(obj, Mapping) and 'model' in obj:
+    obj = obj['model']
+  if isinstance(obj, Mapping):
+    items = obj.items()
+  elif hasattr(obj, '_modules'):
+    items = _module_state(obj)
+  else:
+    raise ValueError(f'{path}: expected a reference checkpoint '
+                     "({'epoch', 'model'}) or a state_dict, got "
+                     f'{type(obj).__name__}.')
+  out = {}
+  for key, value in items:
+    if not torch.is_tensor(value):
+      raise ValueError(f'{path}: entry {key!r} is a {type(value).__name__}, '
+                       'not a tensor; is this an IntroVAE checkpoint?')
+    key = key[len('module.'):] if key.startswith('module.') else key
+    out[key] = value.detach().cpu().numpy()
+  return out
+
+
+# ----------------------------------------------------------------------------
+# The correspondence between the two layouts.
+
+
+def _block_names(net: str, n: int, image_size: int):
+  """(flax block name, reference module prefix) of each residual block.
+
+  Encoder `block_i` (i = 1..n) is the reference's `res_in_{size}`, named after
+  its input resolution size = image_size / 2**i; decoder `block_k`
+  (k = 0..n) is `res_in_{4 * 2**k}`.
+  """
+  if net == 'e':
+    return [(f'block_{i}', f'encoder.main.res_in_{image_size >> i}')
+            for i in range(1, n + 1)]
+  return [(f'block_{k}', f'decoder.main.res_in_{4 << k}') for k in range(n + 1)]
+
+
+def _layers(n: int, image_size: int, has_expand):
+  """(network, flax path, reference prefix, kind) for every layer.
+
+  In the order of the reference's `state_dict()`.
+  """
+  def blocks(net):
+    for block, ref in _block_names(net, n, image_size):
+      if has_expand(net, block, ref):
+        yield net, (block, 'conv_expand'), f'{ref}.conv_expand', 'conv'
+      for j in (1, 2):
+        yield net, (block, f'conv{j}'), f'{ref}.conv{j}', 'conv'
+        yield net, (block, f'bn{j}'), f'{ref}.bn{j}', 'bn'
+
+  yield 'e', ('conv_in',), 'encoder.main.0', 'conv'
+  yield 'e', ('bn_in',), 'encoder.main.1', 'bn'
+  yield from blocks('e')
+  yield 'e', ('fc',), 'encoder.fc', 'encoder_fc'
+  yield 'g', ('fc',), 'decoder.fc.0', 'decoder_fc'
+  yield from blocks('g')
+  yield 'g', ('conv_out',), 'decoder.main.predict', 'conv'
+
+
+def _encoder_fc_to_flax(w, b):
+  """[2h, C*16] reading (C, 4, 4) -> kernel [16*C, 2h] reading (4, 4, C)."""
+  out = w.shape[0]
+  return w.reshape(out, -1, 4, 4).transpose(2, 3, 1, 0).reshape(-1, out), b
+
+
+def _encoder_fc_to_torch(kernel, b):
+  out = kernel.shape[1]
+  return kernel.reshape(4, 4, -1, out).transpose(3, 2, 0, 1).reshape(out, -1), b
+
+
+def _decoder_fc_to_flax(w, b):
+  """[C*16, h] writing (C, 4, 4) -> kernel [h, 16*C] writing (4, 4, C)."""
+  h = w.shape[1]
+  kernel = w.reshape(-1, 4, 4, h).transpose(3, 1, 2, 0).reshape(h, -1)
+  return kernel, b.reshape(-1, 4, 4).transpose(1, 2, 0).reshape(-1)
+
+
+def _decoder_fc_to_torch(kernel, b):
+  h = kernel.shape[0]
+  w = kernel.reshape(h, 4, 4, -1).transpose(3, 1, 2, 0).reshape(-1, h)
+  return w, b.reshape(4, 4, -1).transpose(2, 0, 1).reshape(-1)
+
+
+_FC = {'encoder_fc': (_encoder_fc_to_flax, _encoder_fc_to_torch),
+       'decoder_fc': (_decoder_fc_to_flax, _decoder_fc_to_torch)}
+
+
+def _num_blocks(keys) -> Tuple[int, int]:
+  """(len(channels), image_size) from the encoder's `res_in_*` blocks."""
+  sizes = {int(m.group(1)) for k in keys
+           if (m := re.match(r'encoder\.main\.res_in_(\d+)\.', k))}
+  if not sizes:
+    raise ValueError('No encoder.main.res_in_* entries: not an IntroVAE '
+                     'checkpoint (or not from the reference code).')
+  n = len(sizes)
+  return n, 4 * 2 ** n
+
+
+def infer_model_fields(state_dict: Mapping[str, np.ndarray]) -> dict:
+  """The config's model fields a reference state_dict was built with.
+
+  `reference_layout` is None when no block can tell (no equal widths above
+  256 from two list entries).
+  """
+  n, image_size = _num_blocks(state_dict)
+  conv_in = state_dict['encoder.main.0.weight']
+  channels = [conv_in.shape[0]] + [
+      state_dict[f'encoder.main.res_in_{image_size >> i}.conv1.weight'].shape[0]
+      for i in range(1, n)]
+  # Blocks whose skip convolution exists only by the reference's `is not` quirk.
+  quirk = [f'encoder.main.res_in_{image_size >> i}' for i in range(1, n)
+           if channels[i - 1] == channels[i] > 256]
+  quirk += [f'decoder.main.res_in_{4 << k}' for k in range(1, n)
+            if channels[n - k] == channels[n - k - 1] > 256]
+  has = [f'{q}.conv_expand.weight' in state_dict for q in quirk]
+  layout = None if not has else all(has)
+  if has and any(has) != all(has):
+    raise ValueError(f'Inconsistent skip convolutions in {quirk}: {has}.')
+  return dict(arch='conv', image_size=image_size, channels=tuple(channels),
+              hdim=state_dict['encoder.fc.weight'].shape[0] // 2,
+              image_channels=conv_in.shape[1], reference_layout=layout)
+
+
+def _set(tree: dict, path, value):
+  for name in path[:-1]:
+    tree = tree.setdefault(name, {})
+  tree[path[-1]] = value
+
+
+def _get(tree: Mapping, path):
+  for name in path:
+    tree = tree[name]
+  return tree
+
+
+def torch_to_variables(state_dict: Mapping[str, np.ndarray]) -> Dict[str, dict]:
+  """Reference state_dict -> {'params_e', 'batch_stats_e', 'params_g', 'batch_stats_g'}.
+
+  Raises ValueError naming missing or unexpected keys.
+  """
+  sd = {k: np.asarray(v) for k, v in state_dict.items()}
+  n, image_size = _num_blocks(sd)
+  out = {k: {} for k in ('params_e', 'batch_stats_e', 'params_g',
+                         'batch_stats_g')}
+  used = set()
+
+  def take(key):
+    if key not in sd:
+      raise ValueError(f'Reference checkpoint lacks {key!r} (expected a '
+                       f'{image_size}px model with {n} channel entries).')
+    used.add(key)
+    return sd[key]
+
+  has_expand = lambda net, block, ref: f'{ref}.conv_expand.weight' in sd
+  for net, path, ref, kind in _layers(n, image_size, has_expand):
+    params, stats = out[f'params_{net}'], out[f'batch_stats_{net}']
+    if kind == 'conv':
+      _set(params, path + ('kernel',), take(f'{ref}.weight').transpose(2, 3, 1, 0))
+      if f'{ref}.bias' in sd:
+        _set(params, path + ('bias',), take(f'{ref}.bias'))
+    elif kind == 'bn':
+      _set(params, path + ('scale',), take(f'{ref}.weight'))
+      _set(params, path + ('bias',), take(f'{ref}.bias'))
+      _set(stats, path + ('mean',), take(f'{ref}.running_mean'))
+      _set(stats, path + ('var',), take(f'{ref}.running_var'))
+      used.add(f'{ref}.num_batches_tracked')
+    else:
+      kernel, bias = _FC[kind][0](take(f'{ref}.weight'), take(f'{ref}.bias'))
+      _set(params, path + ('kernel',), kernel)
+      _set(params, path + ('bias',), bias)
+  unexpected = sorted(set(sd) - used)
+  if unexpected:
+    raise ValueError(f'Unexpected entries in the reference checkpoint: '
+                     f'{unexpected[:8]}{" ..." if len(unexpected) > 8 else ""}')
+  return out
+
+
+def variables_to_torch_arrays(params_e, batch_stats_e, params_g,
+                              batch_stats_g) -> 'collections.OrderedDict':
+  """This project's variables -> reference state_dict entries as numpy arrays.
+
+  Key names and order are those of the reference's `IntroVAE.state_dict()`.
+  """
+  trees = {'params_e': params_e, 'batch_stats_e': batch_stats_e,
+           'params_g': params_g, 'batch_stats_g': batch_stats_g}
+  n = len([k for k in params_e if k.startswith('block_')])
+  image_size = 4 * 2 ** n
+  has_expand = lambda net, block, ref: 'conv_expand' in trees[f'params_{net}'][block]
+  sd = collections.OrderedDict()
+  get = lambda tree, path: np.asarray(_get(tree, path))
+  for net, path, ref, kind in _layers(n, image_size, has_expand):
+    params, stats = trees[f'params_{net}'], trees[f'batch_stats_{net}']
+    if kind == 'conv':
+      sd[f'{ref}.weight'] = get(params, path + ('kernel',)).transpose(3, 2, 0, 1)
+      if 'bias' in _get(params, path):
+        sd[f'{ref}.bias'] = get(params, path + ('bias',))
+    elif kind == 'bn':
+      sd[f'{ref}.weight'] = get(params, path + ('scale',))
+      sd[f'{ref}.bias'] = get(params, path + ('bias',))
+      sd[f'{ref}.running_mean'] = get(stats, path + ('mean',))
+      sd[f'{ref}.running_var'] = get(stats, path + ('var',))
+      sd[f'{ref}.num_batches_tracked'] = np.zeros((), np.int64)
+    else:
+      w, b = _FC[kind][1](get(params, path + ('kernel',)),
+                          get(params, path + ('bias',)))
+      sd[f'{ref}.weight'], sd[f'{ref}.bias'] = w, b
+  return sd
+
+
+def export_state_dict(state) -> 'collections.OrderedDict':
+  """A `TrainState` (or a mapping with its four variable fields) -> torch state_dict."""
+  torch = _torch()
+  get = (state.__getitem__ if isinstance(state, Mapping)
+         else lambda k: getattr(state, k))
+  arrays = variables_to_torch_arrays(*(get(k) for k in (
+      'params_e', 'batch_stats_e', 'params_g', 'batch_stats_g')))
+  return collections.OrderedDict(
+      (k, torch.from_numpy(np.array(v))) for k, v in arrays.items())
+
+
+# ----------------------------------------------------------------------------
+# TrainState and Orbax.
+
+
+def check_model_fields(config, state_dict: Mapping[str, np.ndarray]) -> None:
+  """Raises ValueError naming each config field that disagrees with the checkpoint."""
+  found = infer_model_fields(state_dict)
+  wrong = [f'{k}={config[k]!r} (checkpoint: {v!r})' for k, v in found.items()
+           if v is not None and (tuple(config[k]) if k == 'channels'
+                                 else config[k]) != v]
+  if wrong:
+    raise ValueError('Config does not match the reference checkpoint: '
+                     + ', '.join(wrong) + '. Fix these config fields, or leave '
+                     'out --config to take them from the checkpoint.')
+
+
+def config_for_checkpoint(state_dict: Mapping[str, np.ndarray], config=None):
+  """`config` checked against the checkpoint, or base_config() with its model fields."""
+  from introvae_jax import configuration  # pylint: disable=g-import-not-at-top
+  if config is None:
+    config = configuration.base_config()
+    with config.unlocked():
+      for k, v in infer_model_fields(state_dict).items():
+        if v is not None:
+          config[k] = v
+  check_model_fields(config, state_dict)
+  configuration.validate(config)
+  return config
+
+
+def train_state_from_reference(state_dict: Mapping[str, np.ndarray], config):
+  """A full `TrainState`: converted weights, step 0, fresh Adam states."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from introvae_jax import step  # pylint: disable=g-import-not-at-top
+  check_model_fields(config, state_dict)
+  template = step.create_train_state(config, jax.random.PRNGKey(config.seed))
+  variables = torch_to_variables(state_dict)
+  for name, tree in variables.items():
+    want = jax.tree_util.tree_map(jnp.shape, getattr(template, name))
+    got = jax.tree_util.tree_map(np.shape, tree)
+    if want != got:
+      raise ValueError(
+          f'{name}: converted variables do not match the model built from the '
+          f'config (reference_layout={config.reference_layout}).\n'
+          f'  config:     {want}\n  checkpoint: {got}')
+  as_jnp = lambda tree: jax.tree_util.tree_map(
+      lambda a: jnp.asarray(a, jnp.float32), tree)
+  variables = {k: as_jnp(v) for k, v in variables.items()}
+  tx_e, tx_g = step.make_optimizers(config)
+  return template.replace(
+      opt_state_e=tx_e.init(variables['params_e']),
+      opt_state_g=tx_g.init(variables['params_g']), **variables)
+
+
+def save_train_state(directory: str, state, step: int = 0) -> str:
+  """Writes `state` as step `step` of an Orbax CheckpointManager directory."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  directory = os.path.abspath(directory)
+  with ocp.CheckpointManager(directory) as manager:
+    manager.save(step, args=ocp.args.StandardSave(state))
+    manager.wait_until_finished()
+  return os.path.join(directory, str(step))
+
+
+def restore_train_state(directory: str, config=None, step: Optional[int] = None):
+  """Restores a step (default: the latest) of a CheckpointManager directory.
+
+  With `config`, into a `TrainState` (the abstract target built from the
+  config); without, as the saved nested dicts of arrays.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  directory = os.path.abspath(directory)
+  with ocp.CheckpointManager(directory) as manager:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f'No checkpoint steps in {directory}.')
+    target = None
+    if config is not None:
+      from introvae_jax import step as step_lib  # pylint: disable=g-import-not-at-top
+      target = jax.eval_shape(lambda: step_lib.create_train_state(
+          config, jax.random.PRNGKey(0)))
+    return manager.restore(step, args=ocp.args.StandardRestore(target))
+
+
+# ----------------------------------------------------------------------------
+# Command line.
+
+
+def convert_reference(torch_checkpoint: str, out: str, config=None):
+  """Reference .pth -> Orbax TrainState at `out/0`; returns (state, config)."""
+  if os.path.exists(out) and os.listdir(out):
+    raise FileExistsError(f'--out={out} exists and is not empty; choose a new '
+                          'directory.')
+  state_dict = load_reference_checkpoint(torch_checkpoint)
+  config = config_for_checkpoint(state_dict, config)
+  state = train_state_from_reference(state_dict, config)
+  save_train_state(out, state)
+  return state, config
+
+
+def export_reference(jax_checkpoint: str, out: str,
+                     step: Optional[int] = None) -> None:
+  """Orbax checkpoint -> reference state_dict .pth (`model.load_state_dict`)."""
+  torch = _torch()
+  state = restore_train_state(jax_checkpoint, step=step)
+  torch.save(export_state_dict(state), out)
+
+
+def main(argv):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise ValueError(f'Unexpected arguments: {argv[1:]}')
+  f = flags.FLAGS
+  if bool(f.torch_checkpoint) == bool(f.jax_checkpoint):
+    raise ValueError('Give exactly one of --torch_checkpoint (import) or '
+                     '--jax_checkpoint (export).')
+  if f.torch_checkpoint:
+    _, config = convert_reference(f.torch_checkpoint, f.out, f.config)
+    print(f'Wrote {os.path.join(os.path.abspath(f.out), "0")}: '
+          f'image_size={config.image_size} channels={tuple(config.channels)} '
+          f'hdim={config.hdim} reference_layout={config.reference_layout}')
+  else:
+    export_reference(f.jax_checkpoint, f.out, f.step)
+    print(f'Wrote {f.out}')
+
+
+def _define_flags():
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file(
+      'config', None, 'Python file with get_config() (optional for import: '
+      'the model fields are read from the checkpoint). Overrides with '
+      '--config.<field>=value.', lock_config=True)
+  flags.DEFINE_string('torch_checkpoint', None,
+                      'Reference .pth to import (whole pickled module or '
+                      'state_dict).')
+  flags.DEFINE_string('jax_checkpoint', None,
+                      'Orbax CheckpointManager directory to export.')
+  flags.DEFINE_integer('step', None, 'Step to export (default: latest).')
+  flags.DEFINE_string('out', None, 'Import: new Orbax directory. Export: .pth '
+                      'file.', required=True)
+
+
+if __name__ == '__main__':
+  from absl import app  # pylint: disable=g-import-not-at-top
+  _define_flags()
+  app.run(main)

@@ -1,0 +1,196 @@
+"""Shared tiny configs, tree comparisons, and child-process tests.
+
+Everything here is sized for a 2-core CPU: 16 px images with channels (4, 8),
+hdim 4, batch 4; the MLP model with hidden widths (16, 16, 16).
+
+Tests that need a different JAX process setup (float64, or 4 host devices)
+use `in_subprocess`: the parent pytest runs all tests of one module with the
+same setup in one child pytest process and reports each result under its own
+name, so no process-wide JAX flag leaks into the rest of the suite.
+"""
+
+import functools
+import os
+import subprocess
+import sys
+import tempfile
+import xml.etree.ElementTree as ET
+
+import jax
+import numpy as np
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:  # tests run without `pip install -e .` too
+  sys.path.insert(0, REPO_ROOT)
+
+import introvae_jax  # noqa: E402  (needs the path above)
+
+CONV_BATCH = 4
+MLP_BATCH = 8
+
+
+def tiny_config(arch='conv', **overrides):
+  """A locked config for a tiny model; `overrides` set any schema field."""
+  c = introvae_jax.base_config().unlock()
+  if arch == 'conv':
+    c.image_size, c.channels, c.hdim = 16, (4, 8), 4
+    c.batch_size = CONV_BATCH
+  else:
+    c.arch, c.hdim, c.data_dim, c.mlp_hidden = 'mlp', 2, 2, (16, 16, 16)
+    c.batch_size = MLP_BATCH
+  for name, value in overrides.items():
+    setattr(c, name, value)  # a misspelled name raises: the config is locked
+  return c.lock()
+
+
+def tiny_batch(config, seed=0, batch_size=None, dtype=np.float32):
+  """Images in [0, 1] (conv) or 2-D points (mlp), as NumPy."""
+  rs = np.random.RandomState(seed)
+  n = batch_size or config.batch_size
+  if config.arch == 'mlp':
+    return (rs.randn(n, config.data_dim) * 1.5).astype(dtype)
+  s, ch = config.image_size, config.image_channels
+  return rs.rand(n, s, s, ch).astype(dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _initial_state(arch, seed):
+  return introvae_jax.create_train_state(tiny_config(arch),
+                                         jax.random.PRNGKey(seed))
+
+
+def initial_state(arch='conv', seed=0):
+  """The tiny model's initial TrainState (cached: init compiles per call).
+
+  The state depends only on the model fields and the seed, so every test
+  config built by `tiny_config(arch)` with other objective/optimiser fields
+  can start from it.
+  """
+  return _initial_state(arch, seed)
+
+
+_JITTED = {}
+
+
+def jitted_step(config):
+  """A jitted `train_step` for `config`, compiled once per distinct config."""
+  key = config.to_json()
+  if key not in _JITTED:
+    _JITTED[key] = jax.jit(
+        functools.partial(introvae_jax.train_step, config=config))
+  return _JITTED[key]
+
+
+def to_numpy(tree):
+  return jax.tree_util.tree_map(np.asarray, tree)
+
+
+def assert_trees_close(actual, expected, rtol, atol_scale=None, what=''):
+  """Leafwise allclose; `atol_scale` * max|expected leaf| as the atol floor.
+
+  The floor keeps elements that are tiny next to the rest of their array
+  (whose relative error means nothing) from failing the test.
+  """
+  leaves_a, tree_a = jax.tree_util.tree_flatten_with_path(actual)
+  leaves_e, tree_e = jax.tree_util.tree_flatten_with_path(expected)
+  assert tree_a == tree_e, f'{what}: tree structures differ'
+  for (path, a), (_, e) in zip(leaves_a, leaves_e):
+    a, e = np.asarray(a), np.asarray(e)
+    atol = 0.0
+    if atol_scale is not None and e.size:
+      atol = atol_scale * float(np.max(np.abs(e)))
+    np.testing.assert_allclose(
+        a, e, rtol=rtol, atol=atol,
+        err_msg=f'{what} {jax.tree_util.keystr(path)}')
+
+
+def adam_moments(opt_state):
+  """(count, mu, nu) of an optax.adam state."""
+  adam_state = opt_state[0]
+  return adam_state.count, adam_state.mu, adam_state.nu
+
+
+@pytest.fixture
+def conv_state():
+  return initial_state('conv')
+
+
+@pytest.fixture
+def mlp_state():
+  return initial_state('mlp')
+
+
+# --------------------------------------------------------------------------
+# Tests that run in a child process with their own JAX setup.
+
+_CHILD_TAG = 'INTROVAE_TEST_CHILD'
+_CHILD_TIMEOUT_S = 900
+_registry = {}   # (module file, tag) -> [test function names]
+_results = {}    # (module file, tag) -> {test id: failure text or None}
+
+
+def in_child_process():
+  return _CHILD_TAG in os.environ
+
+
+def in_subprocess(tag, env):
+  """Decorator: run this test in a child pytest process with `env` set.
+
+  All tests of a module with the same `tag` share one child process. In the
+  parent the test reports the child's outcome (and its traceback).
+  """
+  def decorate(fn):
+    module_file = os.path.abspath(sys.modules[fn.__module__].__file__)
+    _registry.setdefault((module_file, tag), []).append(fn.__name__)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+      if os.environ.get(_CHILD_TAG) == tag:
+        return fn(*args, **kwargs)
+      results = _run_child(module_file, tag, env)
+      # "tests/test_x.py::test_name[param] (call)" -> "test_name[param]"
+      test_id = os.environ['PYTEST_CURRENT_TEST'].split('::')[-1].rsplit(' ', 1)[0]
+      if test_id not in results:
+        pytest.fail(f'{test_id} did not report from its child process:\n'
+                    f'{results["<output>"]}', pytrace=False)
+      if results[test_id] is not None:
+        pytest.fail(f'[in child process, {tag}]\n{results[test_id]}',
+                    pytrace=False)
+    return wrapper
+  return decorate
+
+
+def _run_child(module_file, tag, env):
+  key = (module_file, tag)
+  if key in _results:
+    return _results[key]
+  child_env = dict(os.environ)
+  for name, value in env.items():
+    if name == 'XLA_FLAGS':
+      value = (child_env.get('XLA_FLAGS', '') + ' ' + value).strip()
+    child_env[name] = value
+  child_env[_CHILD_TAG] = tag
+  child_env['PYTHONPATH'] = os.pathsep.join(
+      [REPO_ROOT] + [p for p in [child_env.get('PYTHONPATH')] if p])
+  child_env.setdefault('JAX_PLATFORMS', 'cpu')
+  with tempfile.TemporaryDirectory() as tmp:
+    xml_path = os.path.join(tmp, 'report.xml')
+    node_ids = [f'{module_file}::{name}' for name in _registry[key]]
+    cmd = [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider',
+           f'--junitxml={xml_path}', '--rootdir', REPO_ROOT] + node_ids
+    proc = subprocess.run(cmd, env=child_env, cwd=REPO_ROOT, text=True,
+                          capture_output=True, timeout=_CHILD_TIMEOUT_S)
+    results = {'<output>': (proc.stdout + proc.stderr)[-6000:]}
+    if os.path.exists(xml_path):
+      for case in ET.parse(xml_path).getroot().iter('testcase'):
+        problem = case.find('failure')
+        if problem is None:
+          problem = case.find('error')
+        if problem is None and case.find('skipped') is not None:
+          problem = case.find('skipped')
+        results[case.get('name')] = (
+            None if problem is None else
+            f'{problem.get("message", "")}\n{problem.text or ""}')
+  _results[key] = results
+  return results
