@@ -116,7 +116,7 @@ def train_and_evaluate(config, workdir: str) -> step_lib.TrainState:
   start = int(jax.device_get(state.step))
   last_good = manager.latest_step()
 
-  reals = input_pipeline.sample_images(config, config.num_image_samples)
+  reals = input_pipeline.eval_images(config, config.num_image_samples)
   z_fixed = jax.random.normal(jax.random.PRNGKey(config.seed + 1),
                               (config.num_image_samples, config.hdim))
   data = input_pipeline.create_input_iter(config, start_step=start)
@@ -140,6 +140,7 @@ def train_and_evaluate(config, workdir: str) -> step_lib.TrainState:
     if host:
       mean = {k: np.mean([m[k] for _, m in host]) for k in host[-1][1]}
       mean['skipped_steps'] = int(jax.device_get(p_state.skipped_steps[0]))
+      mean['corrupt_images_skipped'] = len(data.corrupt_files)
       writer.write_scalars(step, mean)
       bar.set_postfix(loss_e=f"{mean['loss_e']:.4g}",
                       loss_g=f"{mean['loss_g']:.4g}")

@@ -1,6 +1,6 @@
 """Shared tiny configs, tree comparisons, and child-process tests.
 
-Everything here is sized for a 2-core CPU: 16 px images with channels (4, 8),
+Everything here is sized for a 2-core CPU: 8 px images with channels (4,),
 hdim 4, batch 4; the MLP model with hidden widths (16, 16, 16).
 
 Tests that need a different JAX process setup (float64, or 4 host devices)
@@ -32,16 +32,16 @@ MLP_BATCH = 8
 
 def tiny_config(arch='conv', **overrides):
   """A locked config for a tiny model; `overrides` set any schema field."""
-  c = introvae_jax.base_config().unlock()
+  c = introvae_jax.base_config()  # locked: a misspelled field raises
   if arch == 'conv':
-    c.image_size, c.channels, c.hdim = 16, (4, 8), 4
+    c.image_size, c.channels, c.hdim = 8, (4,), 4
     c.batch_size = CONV_BATCH
   else:
     c.arch, c.hdim, c.data_dim, c.mlp_hidden = 'mlp', 2, 2, (16, 16, 16)
     c.batch_size = MLP_BATCH
   for name, value in overrides.items():
-    setattr(c, name, value)  # a misspelled name raises: the config is locked
-  return c.lock()
+    setattr(c, name, value)
+  return c
 
 
 def tiny_batch(config, seed=0, batch_size=None, dtype=np.float32):

@@ -1,0 +1,30 @@
+"""The authors' 1024x1024 CelebA-HQ recipe (`run_1024.sh`).
+
+Data: TFDS `celeb_a_hq/1024` (manual download, see celebahq256.py) or
+`--config.dataset=folder --config.data_dir=/path/to/celebahq1024`.
+"""
+
+from introvae_jax.configuration import base_config
+from introvae_jax.models import channels_for
+
+NUM_IMAGES = 30_000
+
+
+def get_config():
+  c = base_config()
+  c.dataset = 'celeb_a_hq/1024'
+  c.image_size = 1024
+  c.channels = channels_for(1024)  # (16, 32, 64, 128, 256, 512, 512, 512)
+  c.hdim = 512
+  c.batch_size = 12                # reference: 12 over 4 GPUs
+  c.m_plus = 500.0
+  c.weight_rec = 0.01
+  c.weight_kl = 1.0
+  c.weight_neg = 1.0
+  num_vae_epochs = 4               # reference --num_vae 4 (epochs)
+  c.num_vae_steps = num_vae_epochs * NUM_IMAGES // c.batch_size
+  c.num_train_steps = 500 * NUM_IMAGES // c.batch_size
+  c.image_every_steps = 2000
+  c.checkpoint_every_steps = 5000
+  c.num_image_samples = 12
+  return c

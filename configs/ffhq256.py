@@ -1,0 +1,20 @@
+"""FFHQ at 256x256: the authors' 1024 recipe's objective (margin, weights,
+VAE warm-up) on the reference 256 px widths. No official FFHQ recipe exists.
+
+Data: `--config.data_dir=/path/to/ffhq` (a folder of images, any size; they
+are centre-cropped and resized), or `--config.dataset=NAME` for TFDS.
+"""
+
+from configs import ffhq1024
+from introvae_jax.models import channels_for
+
+
+def get_config():
+  c = ffhq1024.get_config()
+  c.image_size = 256
+  c.channels = channels_for(256)
+  c.batch_size = 16
+  c.num_vae_steps = 4 * ffhq1024.NUM_IMAGES // c.batch_size
+  c.num_train_steps = 200 * ffhq1024.NUM_IMAGES // c.batch_size
+  c.num_image_samples = 16
+  return c
