@@ -29,7 +29,9 @@ def make_manager(workdir: str, *, max_to_keep: Optional[int] = 3,
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
       enable_async_checkpointing=not read_only)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+  # Naming the handler lets a fresh manager read metadata before any save.
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+                               item_handlers=ocp.StandardCheckpointHandler())
 
 
 def abstract_state(config) -> step_lib.TrainState:

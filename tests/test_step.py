@@ -31,11 +31,6 @@ sg = jax.lax.stop_gradient
 
 X64 = in_subprocess('x64', {'JAX_ENABLE_X64': '1'})
 
-METRICS = ('loss_rec', 'kl_real', 'kl_rec', 'kl_fake', 'kl_rec_g', 'kl_fake_g',
-           'loss_e', 'loss_g', 'grad_norm_e', 'grad_norm_g', 'mu_mean',
-           'logvar_mean', 'vae_phase')
-
-
 # --------------------------------------------------------------------------
 # The naive reference.
 
@@ -112,10 +107,9 @@ def naive_step(config, st, x, eps, z_p, *, g_step_encoder='updated',
     loss_rec, kl_real = sse(x, x_rec).mean(), kl(mu, lv).mean()
     new['pe'], new['opt_e'] = adam(pe, g_e, st['opt_e'], config.lr_e, config)
     new['pg'], new['opt_g'] = adam(pg, g_g, st['opt_g'], config.lr_g, config)
-    zero = 0.0
-    metrics = dict(loss_rec=loss_rec, kl_real=kl_real, kl_rec=zero,
-                   kl_fake=zero, kl_rec_g=zero, kl_fake_g=zero,
-                   loss_e=loss_rec + kl_real, loss_g=loss_rec + kl_real,
+    # Only the quantities the warm-up defines (the fakes' KLs and a separate
+    # decoder loss do not exist in the reference's `train_vae`).
+    metrics = dict(loss_rec=loss_rec, kl_real=kl_real, loss_e=loss_rec + kl_real,
                    grad_norm_e=global_norm(g_e), grad_norm_g=global_norm(g_g),
                    mu_mean=mu.mean(), logvar_mean=lv.mean(), vae_phase=1.0)
     return new, metrics, (g_e, g_g)
@@ -190,8 +184,11 @@ def noise_for(state, config, batch_size=None):
                              batch_size or config.batch_size, config.hdim)
 
 
-def assert_metrics_close(got, expected, rtol, keys=METRICS):
-  for k in keys:
+def assert_metrics_close(got, expected, rtol):
+  """Every metric the naive reference defines (all but `finite` in the
+  adversarial phase)."""
+  assert set(expected) <= set(got), set(expected) - set(got)
+  for k in expected:
     np.testing.assert_allclose(np.asarray(got[k]), np.asarray(expected[k]),
                                rtol=rtol, atol=rtol * 1e-2, err_msg=k)
 
@@ -251,7 +248,7 @@ def test_hinge_acts_on_the_batch_mean_kl_in_the_step():
   _, _, (per_example, _) = naive_step(config, st, x, eps, z_p, hinge='per_example')
   assert_trees_close(got_e, on_mean, rtol=1e-5, atol_scale=1e-5, what='grad E')
   difference = global_norm(tree_map(jnp.subtract, on_mean, per_example))
-  assert difference > 1e-2 * global_norm(on_mean)
+  assert difference > 1e-3 * global_norm(on_mean)   # 100x the tolerance
 
 
 # --------------------------------------------------------------------------
@@ -365,21 +362,20 @@ def test_fused_mode_encoder_update_and_pre_update_decoder_step():
 def test_same_seed_same_run_and_jit_matches_eager():
   config = tiny_config('conv', adam_b1=0.0, m_plus=1.7)   # compiled above
   x = tiny_batch(config, seed=0)
-  runs = []
-  for _ in range(2):
-    state = introvae_jax.create_train_state(config, jax.random.PRNGKey(0))
-    runs.append(to_numpy(jitted_step(config)(state, x)))
+  fresh = introvae_jax.create_train_state(config, jax.random.PRNGKey(0))
+  assert_trees_close(fresh, initial_state('conv'), rtol=0, what='init')
+  runs = [to_numpy(jitted_step(config)(state, x))
+          for state in (fresh, initial_state('conv'))]
   assert_trees_close(runs[0], runs[1], rtol=0, what='same seed')
-  other = introvae_jax.create_train_state(config, jax.random.PRNGKey(1))
-  assert not np.allclose(other.params_e['fc']['kernel'],
-                         runs[0][0].params_e['fc']['kernel'])
-  eager_state, eager_metrics = introvae_jax.train_step(state, x, config)
+  eager_state, eager_metrics = introvae_jax.train_step(fresh, x, config)
   jit_state, jit_metrics = runs[0]
   assert_metrics_close(eager_metrics, jit_metrics, rtol=1e-5)
   for got, expected in zip(step_gradients(eager_state), step_gradients(jit_state)):
     assert_trees_close(got, expected, rtol=1e-5, atol_scale=1e-5, what='grads')
   assert_trees_close(eager_state.batch_stats_e, jit_state.batch_stats_e,
                      rtol=1e-5, atol_scale=1e-5, what='stats E')
+  assert_trees_close(eager_state.batch_stats_g, jit_state.batch_stats_g,
+                     rtol=1e-5, atol_scale=1e-5, what='stats G')
 
 
 # --------------------------------------------------------------------------
@@ -392,7 +388,9 @@ def test_same_seed_same_run_and_jit_matches_eager():
     (dict(arch='transformer'), "arch='transformer'"),
 ], ids=['size', 'channels', 'mode', 'arch'])
 def test_invalid_config_raises_a_clear_error(overrides, message):
-  config = tiny_config(**overrides)
+  config = tiny_config('conv')
+  for name, value in overrides.items():
+    setattr(config, name, value)
   with pytest.raises(ValueError, match=message):
     introvae_jax.validate(config)
   with pytest.raises(ValueError, match=message):

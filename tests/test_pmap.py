@@ -1,0 +1,121 @@
+"""The pmapped step on 4 host devices equals the single-device step.
+
+These tests run in child processes started with
+XLA_FLAGS=--xla_force_host_platform_device_count=4 (this pytest process has
+already initialised JAX with one CPU device): one child in float32 (metrics,
+gradients and running statistics to 1e-5) and one with jax_enable_x64
+(parameters and optimiser states after two steps to 1e-8).
+
+The same 8 examples go through `make_train_step(config, pmap=True)` as 4
+shards of 2 and through the jitted single-device step as one batch. Both draw
+their own noise from the state (drawn for the global batch and sliced per
+device, so the draws are the same). The conv model syncs BatchNorm statistics
+across devices (`sync_batch_stats=True`); without that, each device
+normalises its own shard, as in the reference's multi-GPU runs, and the two
+runs differ by design.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import introvae_jax
+from conftest import (adam_moments, assert_trees_close, in_subprocess,
+                      initial_state, jitted_step, tiny_batch, tiny_config,
+                      to_numpy)
+
+DEVICES = 4
+FOUR_DEVICES = {'XLA_FLAGS': f'--xla_force_host_platform_device_count={DEVICES}'}
+PMAP = in_subprocess('pmap', FOUR_DEVICES)
+PMAP_X64 = in_subprocess('pmap_x64', dict(FOUR_DEVICES, JAX_ENABLE_X64='1'))
+
+MODELS = {
+    'mlp': dict(arch='mlp', batch_size=8),
+    'conv_sync_bn': dict(arch='conv', batch_size=8, sync_batch_stats=True,
+                         m_plus=1.7),
+}
+
+
+def config_for(model, **overrides):
+  fields = dict(MODELS[model], **overrides)
+  return tiny_config(fields.pop('arch'), **fields)
+
+
+def check_devices():
+  assert jax.local_device_count() == DEVICES, (
+      f'needs {DEVICES} host devices, got {jax.local_device_count()}')
+
+
+def run_both(config, state, num_steps):
+  """(single-device (state, metrics), pmapped (state, metrics)) per step."""
+  single_step = jitted_step(config)
+  pmapped_step = introvae_jax.make_train_step(config, pmap=True)
+  single, sharded = state, introvae_jax.replicate(state)
+  out = []
+  for t in range(num_steps):
+    x = tiny_batch(config, seed=10 + t, dtype=np.asarray(
+        jax.tree_util.tree_leaves(state.params_e)[0]).dtype)
+    single, single_metrics = single_step(single, x)
+    sharded, sharded_metrics = pmapped_step(sharded, introvae_jax.shard_batch(x))
+    out.append(((single, single_metrics), (sharded, sharded_metrics)))
+  return out
+
+
+def assert_replicas_identical(sharded_state):
+  for leaf in jax.tree_util.tree_leaves(sharded_state):
+    leaf = np.asarray(leaf)
+    assert leaf.shape[0] == DEVICES
+    for d in range(1, DEVICES):
+      np.testing.assert_array_equal(leaf[d], leaf[0])
+
+
+@PMAP
+@pytest.mark.parametrize('model', list(MODELS))
+def test_pmap_matches_single_device_float32(model):
+  check_devices()
+  config = config_for(model, adam_b1=0.0)   # Adam's mu is then the gradient
+  [((single, single_metrics), (sharded, sharded_metrics))] = run_both(
+      config, initial_state(config.arch), num_steps=1)
+  assert_replicas_identical(sharded)
+  sharded = introvae_jax.unreplicate(sharded)
+  for name, value in single_metrics.items():
+    np.testing.assert_allclose(np.asarray(sharded_metrics[name])[0], value,
+                               rtol=1e-5, atol=1e-7, err_msg=name)
+  for net in ('e', 'g'):
+    got = adam_moments(getattr(sharded, f'opt_state_{net}'))[1]
+    expected = adam_moments(getattr(single, f'opt_state_{net}'))[1]
+    assert_trees_close(got, expected, rtol=1e-5, atol_scale=1e-5, what=f'grad {net}')
+    assert_trees_close(getattr(sharded, f'batch_stats_{net}'),
+                       getattr(single, f'batch_stats_{net}'), rtol=1e-5,
+                       atol_scale=1e-5, what=f'stats {net}')
+
+
+@PMAP
+def test_indivisible_global_batch_is_a_clear_error():
+  check_devices()
+  config = tiny_config('mlp', batch_size=6)
+  with pytest.raises(ValueError, match='batch_size=6 does not divide over 4 devices'):
+    introvae_jax.make_train_step(config, pmap=True)
+  with pytest.raises(ValueError, match='batch_size=6 does not divide over 4 devices'):
+    introvae_jax.shard_batch(tiny_batch(config))
+
+
+@PMAP_X64
+@pytest.mark.parametrize('model', list(MODELS))
+def test_pmap_matches_single_device_float64(model):
+  check_devices()
+  assert jax.config.jax_enable_x64
+  config = config_for(model, dtype='float64')
+  state = jax.tree_util.tree_map(
+      lambda a: a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating)
+      else a, initial_state(config.arch))
+  runs = run_both(config, state, num_steps=2)
+  (single, single_metrics), (sharded, sharded_metrics) = runs[-1]
+  assert single_metrics['loss_e'].dtype == jnp.float64
+  for name, value in single_metrics.items():
+    np.testing.assert_allclose(np.asarray(sharded_metrics[name])[0], value,
+                               rtol=1e-8, atol=1e-12, err_msg=name)
+  assert_replicas_identical(sharded)
+  assert_trees_close(to_numpy(introvae_jax.unreplicate(sharded)), to_numpy(single),
+                     rtol=1e-8, atol_scale=1e-10, what='state after 2 steps')
