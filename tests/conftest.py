@@ -111,16 +111,6 @@ def adam_moments(opt_state):
   return adam_state.count, adam_state.mu, adam_state.nu
 
 
-@pytest.fixture
-def conv_state():
-  return initial_state('conv')
-
-
-@pytest.fixture
-def mlp_state():
-  return initial_state('mlp')
-
-
 # --------------------------------------------------------------------------
 # Tests that run in a child process with their own JAX setup.
 

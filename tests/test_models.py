@@ -214,7 +214,7 @@ def test_build_models_from_config():
   from conftest import tiny_config
   encoder, decoder = models.build_models(tiny_config('conv'))
   assert isinstance(encoder, introvae_jax.Encoder)
-  assert tuple(decoder.channels) == (4, 8) and decoder.hdim == 4
+  assert tuple(decoder.channels) == (4,) and decoder.hdim == 4
   encoder, decoder = models.build_models(tiny_config('mlp'))
   assert isinstance(encoder, introvae_jax.MLPEncoder)
   assert isinstance(decoder, introvae_jax.MLPDecoder)

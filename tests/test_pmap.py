@@ -31,15 +31,36 @@ PMAP = in_subprocess('pmap', FOUR_DEVICES)
 PMAP_X64 = in_subprocess('pmap_x64', dict(FOUR_DEVICES, JAX_ENABLE_X64='1'))
 
 MODELS = {
-    'mlp': dict(arch='mlp', batch_size=8),
-    'conv_sync_bn': dict(arch='conv', batch_size=8, sync_batch_stats=True,
-                         m_plus=1.7),
+    'mlp': dict(arch='mlp'),
+    'conv_sync_bn': dict(arch='conv', sync_batch_stats=True),
 }
 
 
+def margin_between_shards(config, state):
+  """An m_plus that the fakes' global mean KL and one shard's mean KL fall on
+  either side of, at the first step: a device deciding the hinge on its own
+  shard would then differ from the single-device step."""
+  encoder, decoder = introvae_jax.build_models(config)
+  def call(module, params, stats, inputs):
+    return module.apply({'params': params, 'batch_stats': stats}, inputs,
+                        mutable=['batch_stats'])[0]
+  _, z_p = introvae_jax.draw_noise(state.rng, state.step, 8, config.hdim)
+  x_fake = call(decoder, state.params_g, state.batch_stats_g, z_p)
+  mu, logvar = call(encoder, state.params_e, state.batch_stats_e, x_fake)
+  kl = np.asarray(-0.5 * jnp.sum(1 + logvar - mu ** 2 - jnp.exp(logvar), -1))
+  shard_means = kl.reshape(DEVICES, -1).mean(axis=1)
+  far = shard_means[np.argmax(np.abs(shard_means - kl.mean()))]
+  assert abs(far - kl.mean()) > 1e-3 * abs(kl.mean()), shard_means
+  return float(0.5 * (far + kl.mean()))
+
+
 def config_for(model, **overrides):
-  fields = dict(MODELS[model], **overrides)
-  return tiny_config(fields.pop('arch'), **fields)
+  """8 examples, 2 per device, and a margin that splits the shards."""
+  fields = dict(MODELS[model], batch_size=8, **overrides)
+  arch = fields.pop('arch')
+  state = initial_state(arch)
+  margin = margin_between_shards(tiny_config(arch, **fields), state)
+  return tiny_config(arch, m_plus=margin, **fields), state
 
 
 def check_devices():
@@ -74,9 +95,9 @@ def assert_replicas_identical(sharded_state):
 @pytest.mark.parametrize('model', list(MODELS))
 def test_pmap_matches_single_device_float32(model):
   check_devices()
-  config = config_for(model, adam_b1=0.0)   # Adam's mu is then the gradient
+  config, state = config_for(model, adam_b1=0.0)   # Adam's mu = the gradient
   [((single, single_metrics), (sharded, sharded_metrics))] = run_both(
-      config, initial_state(config.arch), num_steps=1)
+      config, state, num_steps=1)
   assert_replicas_identical(sharded)
   sharded = introvae_jax.unreplicate(sharded)
   for name, value in single_metrics.items():
@@ -106,10 +127,10 @@ def test_indivisible_global_batch_is_a_clear_error():
 def test_pmap_matches_single_device_float64(model):
   check_devices()
   assert jax.config.jax_enable_x64
-  config = config_for(model, dtype='float64')
+  config, state = config_for(model, dtype='float64')
   state = jax.tree_util.tree_map(
       lambda a: a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating)
-      else a, initial_state(config.arch))
+      else a, state)
   runs = run_both(config, state, num_steps=2)
   (single, single_metrics), (sharded, sharded_metrics) = runs[-1]
   assert single_metrics['loss_e'].dtype == jnp.float64

@@ -241,7 +241,7 @@ def test_hinge_acts_on_the_batch_mean_kl_in_the_step():
   margin = 0.5 * (kl_fake.min() + kl_fake.mean())
   assert kl_fake.min() < margin < kl_fake.mean()
   config = tiny_config('mlp', adam_b1=0.0, m_plus=float(margin))
-  new_state, _ = jitted_step(config)(state, x, noise=(eps, z_p))
+  new_state, _ = introvae_jax.train_step(state, x, config, noise=(eps, z_p))
   got_e, _ = step_gradients(new_state)
   st = naive_state(state)
   _, _, (on_mean, _) = naive_step(config, st, x, eps, z_p)
