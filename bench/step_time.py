@@ -10,8 +10,10 @@ Without --config the schema defaults (`introvae_jax.base_config()`) are used;
 --image_size also sets the reference channel widths for that size.
 """
 
+import os
 import resource
 import statistics
+import sys
 import time
 
 from absl import app
@@ -20,8 +22,10 @@ import jax
 import numpy as np
 from ml_collections import config_flags
 
-import introvae_jax
-from introvae_jax import models
+# Runs from a checkout too (`python bench/step_time.py`), not only installed.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import introvae_jax  # pylint: disable=g-import-not-at-top
+from introvae_jax import models  # pylint: disable=g-import-not-at-top
 
 config_flags.DEFINE_config_file(
     'config', None, 'Python file with get_config() (default: base_config()); '

@@ -16,14 +16,15 @@ def kl_divergence(mu, logvar):
 
   -0.5 * sum_j (1 + logvar_j - mu_j^2 - exp(logvar_j)); reference `kl_loss`.
   """
-  mu = mu.astype(jnp.float32)
-  logvar = logvar.astype(jnp.float32)
+  dtype = jnp.promote_types(jnp.result_type(mu, logvar), jnp.float32)
+  mu, logvar = mu.astype(dtype), logvar.astype(dtype)
   return -0.5 * jnp.sum(1.0 + logvar - jnp.square(mu) - jnp.exp(logvar), axis=-1)
 
 
 def reconstruction_loss(x, x_rec):
   """Sum of squared errors per example (reference form, no factor 1/2)."""
-  diff = x_rec.astype(jnp.float32) - x.astype(jnp.float32)
+  dtype = jnp.promote_types(jnp.result_type(x, x_rec), jnp.float32)
+  diff = x_rec.astype(dtype) - x.astype(dtype)
   return jnp.sum(jnp.square(diff).reshape(diff.shape[0], -1), axis=-1)
 
 

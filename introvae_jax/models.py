@@ -52,6 +52,11 @@ def _has_skip_conv(c_in: int, c_out: int, from_two_entries: bool,
   return reference_layout and from_two_entries and c_in > _PY_SMALL_INT_MAX
 
 
+def _float(dtype):
+  """Parameter/statistics dtype: float32, or float64 for a float64 model."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 class BatchNorm(nn.Module):
   """BatchNorm with PyTorch's semantics (the reference's `nn.BatchNorm2d`).
 
@@ -67,16 +72,14 @@ class BatchNorm(nn.Module):
   @nn.compact
   def __call__(self, x, use_running_average: bool = False):
     features = x.shape[-1]
-    scale = self.param('scale', nn.initializers.ones, (features,), jnp.float32)
-    bias = self.param('bias', nn.initializers.zeros, (features,), jnp.float32)
-    ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,),
-                            jnp.float32)
-    ra_var = self.variable('batch_stats', 'var', jnp.ones, (features,),
-                           jnp.float32)
+    scale = self.param('scale', nn.initializers.ones, (features,), _float(self.dtype))
+    bias = self.param('bias', nn.initializers.zeros, (features,), _float(self.dtype))
+    ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), _float(self.dtype))
+    ra_var = self.variable('batch_stats', 'var', jnp.ones, (features,), _float(self.dtype))
     if use_running_average:
       mean, var = ra_mean.value, ra_var.value
     else:
-      xf = x.astype(jnp.float32)
+      xf = x.astype(_float(self.dtype))
       axes = tuple(range(x.ndim - 1))
       mean = jnp.mean(xf, axes)
       mean_sq = jnp.mean(jnp.square(xf), axes)
@@ -91,7 +94,7 @@ class BatchNorm(nn.Module):
         ra_mean.value = (1 - m) * ra_mean.value + m * jax.lax.stop_gradient(mean)
         ra_var.value = (1 - m) * ra_var.value + m * jax.lax.stop_gradient(unbiased)
     mul = scale * jax.lax.rsqrt(var + self.epsilon)
-    y = (x.astype(jnp.float32) - mean) * mul + bias
+    y = (x.astype(_float(self.dtype)) - mean) * mul + bias
     return y.astype(self.dtype)
 
 
@@ -121,7 +124,7 @@ class Conv(nn.Module):
   def __call__(self, x):
     k = self.kernel_size
     kernel = self.param('kernel', nn.initializers.lecun_normal(),
-                        (k, k, x.shape[-1], self.features), jnp.float32)
+                        (k, k, x.shape[-1], self.features), _float(self.dtype))
     x = x.astype(self.dtype)
     kernel = kernel.astype(self.dtype)
     if k == 1:
@@ -137,8 +140,7 @@ class Conv(nn.Module):
       y = jax.lax.conv_general_dilated(
           x, kernel, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
     if self.use_bias:
-      bias = self.param('bias', nn.initializers.zeros, (self.features,),
-                        jnp.float32)
+      bias = self.param('bias', nn.initializers.zeros, (self.features,), _float(self.dtype))
       y = y + bias.astype(self.dtype)
     return y
 
@@ -192,8 +194,8 @@ class Encoder(nn.Module):
       h = nn.avg_pool(h, (2, 2), (2, 2))
     h = block(chans[-1], False, f'block_{len(chans)}')(h, train)
     h = h.reshape((h.shape[0], -1))
-    out = nn.Dense(2 * self.hdim, dtype=self.dtype, name='fc')(h)
-    mu, logvar = jnp.split(out.astype(jnp.float32), 2, axis=-1)
+    out = nn.Dense(2 * self.hdim, dtype=self.dtype, param_dtype=_float(self.dtype), name='fc')(h)
+    mu, logvar = jnp.split(out.astype(_float(self.dtype)), 2, axis=-1)
     return mu, logvar
 
 
@@ -212,7 +214,7 @@ class Decoder(nn.Module):
     chans = tuple(self.channels)
     block = lambda f, skip, name: ResidualBlock(
         f, skip, self.bn_axis_name, self.conv_impl, self.dtype, name=name)
-    h = nn.Dense(chans[-1] * 16, dtype=self.dtype, name='fc')(z.astype(self.dtype))
+    h = nn.Dense(chans[-1] * 16, dtype=self.dtype, param_dtype=_float(self.dtype), name='fc')(z.astype(self.dtype))
     h = nn.relu(h).reshape((z.shape[0], 4, 4, chans[-1]))
     # The reference walks the list backwards; its first block pairs the last
     # entry with itself (one list entry), later ones pair two adjacent entries.
@@ -225,7 +227,7 @@ class Decoder(nn.Module):
     h = block(chans[0], False, f'block_{len(chans)}')(h, train)
     out = Conv(self.image_channels, 5, True, self.conv_impl, self.dtype,
                name='conv_out')(h)
-    return out.astype(jnp.float32)
+    return out.astype(_float(self.dtype))
 
 
 class MLPEncoder(nn.Module):
@@ -239,9 +241,9 @@ class MLPEncoder(nn.Module):
     del train  # No BatchNorm; kept for a uniform interface.
     h = x.astype(self.dtype)
     for i, width in enumerate(self.hidden):
-      h = nn.relu(nn.Dense(width, dtype=self.dtype, name=f'fc_{i}')(h))
-    out = nn.Dense(2 * self.zdim, dtype=self.dtype, name='fc_out')(h)
-    mu, logvar = jnp.split(out.astype(jnp.float32), 2, axis=-1)
+      h = nn.relu(nn.Dense(width, dtype=self.dtype, param_dtype=_float(self.dtype), name=f'fc_{i}')(h))
+    out = nn.Dense(2 * self.zdim, dtype=self.dtype, param_dtype=_float(self.dtype), name='fc_out')(h)
+    mu, logvar = jnp.split(out.astype(_float(self.dtype)), 2, axis=-1)
     return mu, logvar
 
 
@@ -256,9 +258,9 @@ class MLPDecoder(nn.Module):
     del train
     h = z.astype(self.dtype)
     for i, width in enumerate(reversed(tuple(self.hidden))):
-      h = nn.relu(nn.Dense(width, dtype=self.dtype, name=f'fc_{i}')(h))
-    return nn.Dense(self.data_dim, dtype=self.dtype,
-                    name='fc_out')(h).astype(jnp.float32)
+      h = nn.relu(nn.Dense(width, dtype=self.dtype, param_dtype=_float(self.dtype), name=f'fc_{i}')(h))
+    return nn.Dense(self.data_dim, dtype=self.dtype, param_dtype=_float(self.dtype),
+                    name='fc_out')(h).astype(_float(self.dtype))
 
 
 def build_models(config, bn_axis_name: Optional[str] = None):

@@ -138,8 +138,9 @@ def _update(nets, state, x, eps, z_p, config, axis_name):
   """
   (encoder, decoder), (tx_e, tx_g) = nets
   warmup = (state.step < config.num_vae_steps) if config.num_vae_steps else False
-  phase = lambda warm, adv: jnp.where(warmup, warm, adv) if config.num_vae_steps \
-      else jnp.asarray(adv, jnp.float32)
+  ct = jnp.promote_types(jnp.dtype(config.dtype), jnp.float32)
+  phase = lambda warm, adv: jnp.where(warmup, warm, adv).astype(ct) if config.num_vae_steps \
+      else jnp.asarray(adv, ct)
   w_rec = phase(1.0, config.weight_rec)
   w_kl = phase(1.0, config.weight_kl)
   w_neg, m = config.weight_neg, config.m_plus
@@ -191,8 +192,8 @@ def _update(nets, state, x, eps, z_p, config, axis_name):
     averaging gradients over devices then gives the global-batch gradient.
     """
     scale = -w_adv
-    return (scale * (m - _pmean(kl_r, axis_name) > 0).astype(jnp.float32),
-            scale * (m - _pmean(kl_p, axis_name) > 0).astype(jnp.float32))
+    return (scale * (m - _pmean(kl_r, axis_name) > 0).astype(kl_r.dtype),
+            scale * (m - _pmean(kl_p, axis_name) > 0).astype(kl_p.dtype))
 
   sg = jax.lax.stop_gradient
   if config.mode == 'reference':
@@ -261,12 +262,13 @@ def train_step(state: TrainState, batch, config: ml_collections.ConfigDict, *,
     The new state and a dict of scalar float32 metrics (global means).
   """
   x = batch['image'] if isinstance(batch, Mapping) else batch
-  x = jnp.asarray(x, jnp.float32)
+  ct = jnp.promote_types(jnp.dtype(config.dtype), jnp.float32)
+  x = jnp.asarray(x).astype(ct)
   bn_axis = axis_name if config.sync_batch_stats else None
   nets = (models.build_models(config, bn_axis), make_optimizers(config))
   if noise is None:
     noise = draw_noise(state.rng, state.step, x.shape[0], config.hdim, axis_name)
-  eps, z_p = noise
+  eps, z_p = (jnp.asarray(a).astype(ct) for a in noise)
   new, metrics = _update(nets, state, x, eps, z_p, config, axis_name)
   params_e, stats_e, opt_e, params_g, stats_g, opt_g = new
   # Replicas keep identical running statistics (each device saw its own batch).

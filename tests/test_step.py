@@ -3,17 +3,15 @@
 The main check is a naive reference written here: separate `jax.grad` calls
 per network, explicit parameter splitting, no jit, a hand-written Adam, and
 BatchNorm statistics threaded in the reference code's call order. It agrees
-with `train_step` over 3 steps, in the VAE warm-up and the adversarial phase:
-losses, gradients and running statistics in float32 (each step started from
-the state under test), parameters and optimiser states in float64 (two
-independent 3-step runs; spec section 3b explains why only float64 allows a
-tight comparison after Adam steps).
+with `train_step` over 3 adversarial steps, and over 3 warm-up steps plus the
+switch to the adversarial phase: losses, gradients and running statistics in
+float32 (each step started from the state under test), parameters and
+optimiser states in float64 (independent runs; spec section 3b explains why
+only float64 allows a tight comparison after Adam steps).
 
 Gradients of the step under test are read from its Adam state: with
 `adam_b1=0` the first moment after a step *is* that step's gradient.
 """
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -144,19 +142,20 @@ def naive_step(config, st, x, eps, z_p, *, g_step_encoder='updated',
   new['pe'], new['opt_e'] = adam(pe, g_e, st['opt_e'], config.lr_e, config)
   pe_g = new['pe'] if g_step_encoder == 'updated' else pe
 
+  # G step: E'(x_rec), E'(x_fake).
+  (mu_rg, lv_rg), se4 = call(encoder, pe_g, se3, x_rec)
+  (mu_fg, lv_fg), se5 = call(encoder, pe_g, se4, x_fake)
+  new['se'], new['sg'] = se5, sg2
+
   def decoder_kl_loss(pg):
     x_fake = call(decoder, pg, sgs, z_p)[0]
     x_rec = call(decoder, pg, sg1, z)[0]
     kl_rec = kl(*call(encoder, pe_g, se3, x_rec)[0]).mean()
-    kl_fake = kl(*call(encoder, pe_g, se3, x_fake)[0]).mean()
+    kl_fake = kl(*call(encoder, pe_g, se4, x_fake)[0]).mean()
     return 0.5 * w_kl * (kl_rec + kl_fake)
 
   g_g = tree_map(jnp.add, g_g_from_e_step, jax.grad(decoder_kl_loss)(pg))
   new['pg'], new['opt_g'] = adam(pg, g_g, st['opt_g'], config.lr_g, config)
-  # E'(x_rec), E'(x_fake) in the G step.
-  (mu_rg, lv_rg), se4 = call(encoder, pe_g, se3, x_rec)
-  (mu_fg, lv_fg), se5 = call(encoder, pe_g, se4, x_fake)
-  new['se'], new['sg'] = se5, sg2
 
   loss_rec, kl_real = sse(x, x_rec).mean(), kl(mu, lv).mean()
   kl_rec = kl(*call(encoder, pe, se1, x_rec)[0]).mean()
@@ -196,20 +195,25 @@ def assert_metrics_close(got, expected, rtol):
 # --------------------------------------------------------------------------
 # Float32: losses, gradients and running statistics, step by step.
 
+# (config fields, number of steps compared)
 PHASES = {
-    # 2 warm-up steps then 1 adversarial step, in one compiled function.
-    'warmup': dict(num_vae_steps=2),
-    'adversarial': dict(num_vae_steps=0),
+    # 3 warm-up steps then the switch to the adversarial phase, in one
+    # compiled function.
+    'warmup': (dict(num_vae_steps=3), 4),
+    'adversarial': (dict(num_vae_steps=0), 3),
 }
+# A margin the tiny conv model's KLs cross: at the first adversarial step one
+# hinge term is active and the other is not.
+MARGIN = 2.5
 
 
 @pytest.mark.parametrize('phase', list(PHASES))
 def test_matches_naive_reference_float32(phase):
-  # A margin the fakes' KL can cross, so the hinge is active for some terms.
-  config = tiny_config('conv', adam_b1=0.0, m_plus=1.7, **PHASES[phase])
+  fields, num_steps = PHASES[phase]
+  config = tiny_config('conv', adam_b1=0.0, m_plus=MARGIN, **fields)
   state = initial_state('conv')
   step = jitted_step(config)
-  for t in range(3):
+  for t in range(num_steps):
     x = tiny_batch(config, seed=t)
     new_state, metrics = step(state, x)   # draws its own noise
     eps, z_p = noise_for(state, config)
@@ -360,7 +364,7 @@ def test_fused_mode_encoder_update_and_pre_update_decoder_step():
 # Determinism.
 
 def test_same_seed_same_run_and_jit_matches_eager():
-  config = tiny_config('conv', adam_b1=0.0, m_plus=1.7)   # compiled above
+  config = tiny_config('conv', adam_b1=0.0, m_plus=MARGIN)   # compiled above
   x = tiny_batch(config, seed=0)
   fresh = introvae_jax.create_train_state(config, jax.random.PRNGKey(0))
   assert_trees_close(fresh, initial_state('conv'), rtol=0, what='init')
@@ -430,11 +434,12 @@ def check_x64():
 @pytest.mark.parametrize('phase', list(PHASES))
 def test_matches_naive_reference_float64(phase):
   check_x64()
-  config = tiny_config('conv', dtype='float64', m_plus=1.7, **PHASES[phase])
+  fields, num_steps = PHASES[phase]
+  config = tiny_config('conv', dtype='float64', m_plus=MARGIN, **fields)
   state = to_float64(initial_state('conv'))
   ref = naive_state(state)
   step = jitted_step(config)
-  for t in range(3):
+  for t in range(num_steps):
     x = tiny_batch(config, seed=t, dtype=np.float64)
     eps, z_p = to_float64(noise_for(state, config))
     state, metrics = step(state, x, noise=(eps, z_p))
@@ -449,7 +454,7 @@ def test_matches_naive_reference_float64(phase):
   for name, opt, expected in [('Adam E', state.opt_state_e, ref['opt_e']),
                               ('Adam G', state.opt_state_g, ref['opt_g'])]:
     count, mu, nu = adam_moments(opt)
-    assert int(count) == expected['count'] == 3
+    assert int(count) == expected['count'] == num_steps
     assert_trees_close(mu, expected['mu'], rtol=1e-8, atol_scale=1e-10, what=name)
     assert_trees_close(nu, expected['nu'], rtol=1e-8, atol_scale=1e-10, what=name)
 
