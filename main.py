@@ -3,13 +3,11 @@
 Any config field can be overridden, e.g. `--config.batch_size=32`.
 """
 
-import logging as std_logging
-
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
+from introvae_jax import checkpointing
 from introvae_jax import train
 
 FLAGS = flags.FLAGS
@@ -20,15 +18,10 @@ config_flags.DEFINE_config_file('config', None, 'Training config file.',
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def _quiet_orbax(record) -> bool:
-  """Hides Orbax's per-save INFO lines; its warnings and errors still show."""
-  return record.levelno >= std_logging.WARNING or 'orbax' not in record.pathname
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.get_absl_logger().addFilter(_quiet_orbax)
+  checkpointing.quiet_orbax_logs()
   train.train_and_evaluate(FLAGS.config, _WORKDIR.value)
 
 

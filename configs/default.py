@@ -15,12 +15,13 @@ def get_config():
   c.channels = (16, 32, 64)
   c.hdim = 32
   c.batch_size = 64
-  c.m_plus = 60.0
-  c.weight_rec = 0.5
+  # The margin sits just above the real digits' KL after the warm-up (~8).
+  c.m_plus = 12.0
+  c.weight_rec = 1.0
   c.weight_kl = 1.0
   c.weight_neg = 0.5
-  c.num_vae_steps = 300
-  c.num_train_steps = 3000
+  c.num_vae_steps = 500
+  c.num_train_steps = 2000
   c.log_every_steps = 50
   c.image_every_steps = 500
   c.checkpoint_every_steps = 500

@@ -7,13 +7,22 @@ their own types, and a checkpoint of another model is refused with a message
 before anything is written.
 """
 
+import logging as std_logging
 import os
 from typing import Optional
 
+from absl import logging
 import jax
 import orbax.checkpoint as ocp
 
 from introvae_jax import step as step_lib
+
+
+def quiet_orbax_logs() -> None:
+  """Hides Orbax's many INFO lines per save/restore; warnings still show."""
+  def keep(record) -> bool:
+    return record.levelno >= std_logging.WARNING or 'orbax' not in record.pathname
+  logging.get_absl_logger().addFilter(keep)
 
 
 class IncompatibleCheckpointError(ValueError):

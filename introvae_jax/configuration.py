@@ -5,6 +5,8 @@ The returned ConfigDict is locked, so a misspelled field raises at once.
 Field names follow the reference code (`m_plus`, `weight_rec`, ...).
 """
 
+import json
+
 import ml_collections
 
 MODES = ('reference', 'fused')
@@ -68,6 +70,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.on_nonfinite = 'stop'       # 'stop' (keep last good checkpoint) or 'skip'.
   c.distributed = False         # jax.distributed.initialize() for multi-host.
   return c.lock()
+
+
+def load_json(path: str) -> ml_collections.ConfigDict:
+  """A run's saved `config.json` (written by the training loop), locked."""
+  with open(path) as f:
+    saved = json.load(f)
+  config = base_config()
+  unknown = sorted(set(saved) - set(config))
+  if unknown:
+    raise ValueError(f'{path} has fields this version does not know: {unknown}.')
+  with config.unlocked():
+    for name, value in saved.items():
+      config[name] = tuple(value) if isinstance(value, list) else value
+  return config
 
 
 def validate(config) -> None:

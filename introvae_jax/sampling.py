@@ -94,3 +94,30 @@ def save_png(path: str, grid: np.ndarray) -> None:
   """Writes a uint8 [H, W, 1 or 3] array as PNG, creating parent folders."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+
+
+def slerp(z0, z1, t):
+  """Spherical interpolation between latent vectors (falls back to linear
+  when they are parallel)."""
+  z0, z1 = np.asarray(z0, np.float64), np.asarray(z1, np.float64)
+  cos = np.dot(z0, z1) / (np.linalg.norm(z0) * np.linalg.norm(z1))
+  omega = np.arccos(np.clip(cos, -1.0, 1.0))
+  if np.sin(omega) < 1e-6:
+    return (1 - t) * z0 + t * z1
+  return (np.sin((1 - t) * omega) * z0 + np.sin(t * omega) * z1) / np.sin(omega)
+
+
+def interpolate(state, x0, x1, config, num: int = 8, kind: str = 'linear',
+                use_running_average=False):
+  """Decoded path between the posterior means of two images [H, W, C]."""
+  mu, _ = encode(state, jnp.stack([x0, x1]), config, use_running_average)
+  mu = np.asarray(mu)
+  ts = np.linspace(0.0, 1.0, num)
+  if kind == 'linear':
+    zs = [(1 - t) * mu[0] + t * mu[1] for t in ts]
+  elif kind == 'slerp':
+    zs = [slerp(mu[0], mu[1], t) for t in ts]
+  else:
+    raise ValueError(f"kind must be 'linear' or 'slerp', got {kind!r}.")
+  return decode(state, jnp.asarray(np.stack(zs), jnp.float32), config,
+                use_running_average)

@@ -1,0 +1,92 @@
+"""Samples, reconstructions and interpolations from a training workdir.
+
+  python -m introvae_jax.sample --workdir=runs/default --num=64 --out=samples/
+
+Loads `<workdir>/config.json` and the newest checkpoint (or `--step`), and
+writes PNG grids plus one PNG per prior sample under `--out`.
+"""
+
+import os
+
+from absl import app
+from absl import flags
+import jax
+import numpy as np
+
+from introvae_jax import checkpointing
+from introvae_jax import configuration
+from introvae_jax import input_pipeline
+from introvae_jax import sampling
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir.')
+_OUT = flags.DEFINE_string('out', None, 'Output folder (default <workdir>/samples).')
+_NUM = flags.DEFINE_integer('num', 64, 'Prior samples and reconstructions.')
+_TEMPERATURE = flags.DEFINE_float('temperature', 1.0, 'Prior std multiplier.')
+_IMAGES = flags.DEFINE_string('images', None, 'Folder of images to reconstruct '
+                              '(default: the run\'s own data set).')
+_INTERPOLATION_STEPS = flags.DEFINE_integer('interpolation_steps', 8,
+                                            'Images per interpolation row.')
+_BN = flags.DEFINE_enum('batch_norm', 'batch', ['batch', 'running'],
+                        'BatchNorm statistics at sampling time.')
+_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: newest).')
+_SEED = flags.DEFINE_integer('seed', 0, 'Seed of the prior noise.')
+flags.mark_flag_as_required('workdir')
+
+
+def generate(workdir, out, *, num=64, temperature=1.0, images=None,
+             interpolation_steps=8, use_running_average=False, step=None,
+             seed=0):
+  """Writes samples.png, samples/NNNN.png, reconstructions.png and
+  interpolation_{linear,slerp}.png under `out`; returns their paths."""
+  config = configuration.load_json(os.path.join(workdir, 'config.json'))
+  manager = checkpointing.make_manager(workdir, max_to_keep=None, read_only=True)
+  state = checkpointing.restore(manager, config, step)
+  if state is None:
+    raise FileNotFoundError(f'No checkpoint in {checkpointing.checkpoint_dir(workdir)}.')
+  bn = dict(use_running_average=use_running_average)
+  written = []
+
+  def save(name, grid):
+    path = os.path.join(out, name)
+    sampling.save_png(path, grid)
+    written.append(path)
+
+  fakes = np.asarray(sampling.sample(state, jax.random.PRNGKey(seed), num,
+                                     config, temperature, **bn))
+  save('samples.png', sampling.image_grid(fakes))
+  for i, img in enumerate(fakes):
+    save(os.path.join('samples', f'{i:04d}.png'), sampling.image_grid(img[None]))
+
+  source = config
+  if images:
+    source = config.copy_and_resolve_references()
+    source.dataset, source.data_dir, source.eval_split_fraction = 'folder', images, 0.0
+  reals = input_pipeline.eval_images(source, num)
+  recs = np.asarray(sampling.reconstruct(state, reals, config, **bn))
+  pairs = np.stack([reals, recs], 1).reshape((-1,) + reals.shape[1:])
+  save('reconstructions.png', sampling.image_grid(pairs, ncol=16))
+  if len(reals) >= 2:
+    for kind in ('linear', 'slerp'):
+      rows = [sampling.interpolate(state, reals[2 * i], reals[2 * i + 1], config,
+                                   interpolation_steps, kind, **bn)
+              for i in range(min(4, len(reals) // 2))]
+      save(f'interpolation_{kind}.png',
+           sampling.image_grid(np.concatenate(rows), ncol=interpolation_steps))
+  return written
+
+
+def main(argv):
+  del argv
+  checkpointing.quiet_orbax_logs()
+  out = _OUT.value or os.path.join(_WORKDIR.value, 'samples')
+  for path in generate(_WORKDIR.value, out, num=_NUM.value,
+                       temperature=_TEMPERATURE.value, images=_IMAGES.value,
+                       interpolation_steps=_INTERPOLATION_STEPS.value,
+                       use_running_average=_BN.value == 'running',
+                       step=_STEP.value, seed=_SEED.value):
+    if not path.startswith(os.path.join(out, 'samples') + os.sep):
+      print(path)
+
+
+if __name__ == '__main__':
+  app.run(main)
