@@ -3,21 +3,20 @@
 Import: a reference checkpoint (hhb072/IntroVAE `save_checkpoint` writes
 `{'epoch': e, 'model': <the whole pickled IntroVAE module>}`; a plain
 `state_dict`, or `{'model': state_dict}`, works too) becomes an Orbax
-checkpoint of a full `TrainState` (step 0, fresh Adam states), in the
-`CheckpointManager` layout `out/0/...` that the training loop and the sampling
-tools restore::
+checkpoint of a full `TrainState` (step 0, fresh Adam states) at
+`<out>/checkpoints/0`, the workdir layout that `main.py --workdir=<out>`
+resumes from and the sampling tools load::
 
   python -m introvae_jax.convert --torch_checkpoint=model_epoch_10_iter_0.pth \
-      --out=/tmp/introvae_ckpt [--config=configs/celebahq_256.py]
+      --out=runs/converted [--config=configs/celebahq256.py]
 
 Without `--config`, the model fields (channels, hdim, image size, image
 channels, the skip-convolution layout) are read off the checkpoint and the
 other fields are `base_config()`'s; with it, they must agree with the
-checkpoint. Export: this project's weights become a PyTorch `state_dict` with
-the reference's key names, loadable with the reference's
-`model.load_state_dict`::
+checkpoint. Export: a workdir's weights become a PyTorch `state_dict` with
+the reference's key names, for the reference's `model.load_state_dict`::
 
-  python -m introvae_jax.convert --jax_checkpoint=/tmp/introvae_ckpt \
+  python -m introvae_jax.convert --jax_checkpoint=runs/converted \
       --out=introvae.pth [--step=N]
 
 Layout changes (reference NCHW / PyTorch -> this project NHWC / Flax):
@@ -27,23 +26,32 @@ convolution kernels OIHW -> HWIO; dense weights [out, in] -> kernels
 (C, 4, 4), while this project flattens and reshapes in (H, W, C) order, so
 those two dense layers' rows/columns are permuted; BatchNorm
 weight/bias/running_mean/running_var -> params scale/bias and batch_stats
-mean/var (`num_batches_tracked` is not used with momentum 0.1 and is dropped;
-export writes 0).
+mean/var (`num_batches_tracked` only matters with momentum=None, which the
+reference does not use: dropped on import, written as 0 on export).
 
-Reading the pickled module needs no copy of the reference's source: unknown
-classes (`networks.IntroVAE`, `torch.nn.Conv2d`, ...) are replaced by a
-stand-in that only keeps the pickled attributes, and only torch's tensor
-rebuilding functions are resolved for real, so the file cannot run other code.
+Reading the pickled module needs no copy of the reference's source: every
+class other than torch's tensor-rebuilding functions and a few containers
+(`networks.IntroVAE`, `torch.nn.Conv2d`, ...) is replaced by a stand-in that
+only keeps the pickled attributes. So a checkpoint cannot name arbitrary
+functions to call, unlike a plain `torch.load(..., weights_only=False)`.
 """
-
 import collections
 import os
 import pickle
 import re
 import types
+import warnings
 from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 
+from absl import flags
+import jax
+import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
+
+from introvae_jax import checkpointing
+from introvae_jax import configuration
+from introvae_jax import step as step_lib
 
 Arrays = Dict[str, np.ndarray]
 
@@ -142,8 +150,11 @@ def load_reference_checkpoint(path: str) -> Arrays:
   (DataParallel wrappers).
   """
   torch = _torch()
-  obj = torch.load(path, map_location='cpu', pickle_module=_pickle_module,
-                   weights_only=False)
+  with warnings.catch_warnings():
+    # Legacy-format files make torch look for the stand-ins' source code.
+    warnings.filterwarnings('ignore', "Couldn't retrieve source code")
+    obj = torch.load(path, map_location='cpu', pickle_module=_pickle_module,
+                     weights_only=False)
   if isinstance(obj, Mapping) and 'model' in obj:
     obj = obj['model']
   if isinstance(obj, Mapping):
@@ -382,7 +393,6 @@ def check_model_fields(config, state_dict: Mapping[str, np.ndarray]) -> None:
 
 def config_for_checkpoint(state_dict: Mapping[str, np.ndarray], config=None):
   """`config` checked against the checkpoint, or base_config() with its model fields."""
-  from introvae_jax import configuration  # pylint: disable=g-import-not-at-top
   if config is None:
     config = configuration.base_config()
     with config.unlocked():
@@ -394,88 +404,84 @@ def config_for_checkpoint(state_dict: Mapping[str, np.ndarray], config=None):
   return config
 
 
+def _shapes(tree) -> Dict[str, tuple]:
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {jax.tree_util.keystr(path): tuple(np.shape(leaf)) for path, leaf in flat}
+
+
 def train_state_from_reference(state_dict: Mapping[str, np.ndarray], config):
   """A full `TrainState`: converted weights, step 0, fresh Adam states."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from introvae_jax import step  # pylint: disable=g-import-not-at-top
   check_model_fields(config, state_dict)
-  template = step.create_train_state(config, jax.random.PRNGKey(config.seed))
+  abstract = checkpointing.abstract_state(config)
   variables = torch_to_variables(state_dict)
   for name, tree in variables.items():
-    want = jax.tree_util.tree_map(jnp.shape, getattr(template, name))
-    got = jax.tree_util.tree_map(np.shape, tree)
+    want, got = _shapes(getattr(abstract, name)), _shapes(tree)
     if want != got:
+      diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
       raise ValueError(
-          f'{name}: converted variables do not match the model built from the '
-          f'config (reference_layout={config.reference_layout}).\n'
-          f'  config:     {want}\n  checkpoint: {got}')
-  as_jnp = lambda tree: jax.tree_util.tree_map(
-      lambda a: jnp.asarray(a, jnp.float32), tree)
-  variables = {k: as_jnp(v) for k, v in variables.items()}
-  tx_e, tx_g = step.make_optimizers(config)
-  return template.replace(
+          f'{name}: the checkpoint does not fit the model the config builds '
+          f'(reference_layout={config.reference_layout}); e.g. '
+          + '; '.join(f'{k}: config {want.get(k)}, checkpoint {got.get(k)}'
+                      for k in diff[:4]))
+  variables = {name: jax.tree_util.tree_map(
+      lambda a, spec: jnp.asarray(a, spec.dtype), tree, getattr(abstract, name))
+               for name, tree in variables.items()}
+  tx_e, tx_g = step_lib.make_optimizers(config)
+  return step_lib.TrainState(
+      step=jnp.zeros((), jnp.int32), rng=jax.random.PRNGKey(config.seed),
       opt_state_e=tx_e.init(variables['params_e']),
-      opt_state_g=tx_g.init(variables['params_g']), **variables)
+      opt_state_g=tx_g.init(variables['params_g']),
+      skipped_steps=jnp.zeros((), jnp.int32), **variables)
 
 
-def save_train_state(directory: str, state, step: int = 0) -> str:
-  """Writes `state` as step `step` of an Orbax CheckpointManager directory."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  directory = os.path.abspath(directory)
-  with ocp.CheckpointManager(directory) as manager:
-    manager.save(step, args=ocp.args.StandardSave(state))
-    manager.wait_until_finished()
-  return os.path.join(directory, str(step))
+def save_train_state(workdir: str, state) -> str:
+  """Writes `state` as `<workdir>/checkpoints/<step>` (the training layout)."""
+  manager = checkpointing.make_manager(workdir)
+  if manager.latest_step() is not None:
+    raise FileExistsError(f'{checkpointing.checkpoint_dir(workdir)} already '
+                          'holds checkpoints; choose a new --out.')
+  checkpointing.save(manager, state, force=True)
+  manager.wait_until_finished()
+  manager.close()
+  return os.path.join(checkpointing.checkpoint_dir(workdir), str(int(state.step)))
 
 
-def restore_train_state(directory: str, config=None, step: Optional[int] = None):
-  """Restores a step (default: the latest) of a CheckpointManager directory.
+def restore_variables(workdir: str, step: Optional[int] = None) -> dict:
+  """A step (default: the latest) of a workdir's checkpoints as nested dicts.
 
-  With `config`, into a `TrainState` (the abstract target built from the
-  config); without, as the saved nested dicts of arrays.
+  Needs no config: export reads the model's layout off the arrays.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  directory = os.path.abspath(directory)
-  with ocp.CheckpointManager(directory) as manager:
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f'No checkpoint steps in {directory}.')
-    target = None
-    if config is not None:
-      from introvae_jax import step as step_lib  # pylint: disable=g-import-not-at-top
-      target = jax.eval_shape(lambda: step_lib.create_train_state(
-          config, jax.random.PRNGKey(0)))
-    return manager.restore(step, args=ocp.args.StandardRestore(target))
+  manager = checkpointing.make_manager(workdir, max_to_keep=None,
+                                       read_only=True)
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(
+        f'No checkpoint in {checkpointing.checkpoint_dir(workdir)}.')
+  return manager.restore(step, args=ocp.args.StandardRestore())
 
 
 # ----------------------------------------------------------------------------
 # Command line.
 
 
-def convert_reference(torch_checkpoint: str, out: str, config=None):
-  """Reference .pth -> Orbax TrainState at `out/0`; returns (state, config)."""
-  if os.path.exists(out) and os.listdir(out):
-    raise FileExistsError(f'--out={out} exists and is not empty; choose a new '
-                          'directory.')
+def convert_reference(torch_checkpoint: str, workdir: str, config=None):
+  """Reference .pth -> TrainState at `<workdir>/checkpoints/0`.
+
+  Returns (state, config, path written).
+  """
   state_dict = load_reference_checkpoint(torch_checkpoint)
   config = config_for_checkpoint(state_dict, config)
   state = train_state_from_reference(state_dict, config)
-  save_train_state(out, state)
-  return state, config
+  return state, config, save_train_state(workdir, state)
 
 
-def export_reference(jax_checkpoint: str, out: str,
-                     step: Optional[int] = None) -> None:
-  """Orbax checkpoint -> reference state_dict .pth (`model.load_state_dict`)."""
+def export_reference(workdir: str, out: str, step: Optional[int] = None) -> None:
+  """A workdir's checkpoint -> reference state_dict .pth (`load_state_dict`)."""
   torch = _torch()
-  state = restore_train_state(jax_checkpoint, step=step)
-  torch.save(export_state_dict(state), out)
+  torch.save(export_state_dict(restore_variables(workdir, step)), out)
 
 
 def main(argv):
-  from absl import flags  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise ValueError(f'Unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
@@ -483,17 +489,17 @@ def main(argv):
     raise ValueError('Give exactly one of --torch_checkpoint (import) or '
                      '--jax_checkpoint (export).')
   if f.torch_checkpoint:
-    _, config = convert_reference(f.torch_checkpoint, f.out, f.config)
-    print(f'Wrote {os.path.join(os.path.abspath(f.out), "0")}: '
-          f'image_size={config.image_size} channels={tuple(config.channels)} '
-          f'hdim={config.hdim} reference_layout={config.reference_layout}')
+    _, config, path = convert_reference(f.torch_checkpoint, f.out, f.config)
+    print(f'Wrote {path}: image_size={config.image_size} '
+          f'channels={tuple(config.channels)} hdim={config.hdim} '
+          f'image_channels={config.image_channels} '
+          f'reference_layout={config.reference_layout}')
   else:
     export_reference(f.jax_checkpoint, f.out, f.step)
     print(f'Wrote {f.out}')
 
 
 def _define_flags():
-  from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file(
       'config', None, 'Python file with get_config() (optional for import: '
@@ -503,10 +509,11 @@ def _define_flags():
                       'Reference .pth to import (whole pickled module or '
                       'state_dict).')
   flags.DEFINE_string('jax_checkpoint', None,
-                      'Orbax CheckpointManager directory to export.')
+                      'Export: a workdir of this project (its checkpoints/).')
   flags.DEFINE_integer('step', None, 'Step to export (default: latest).')
-  flags.DEFINE_string('out', None, 'Import: new Orbax directory. Export: .pth '
-                      'file.', required=True)
+  flags.DEFINE_string('out', None, 'Import: a new workdir (the checkpoint goes '
+                      'to <out>/checkpoints/0, where main.py and the sampling '
+                      'tools look). Export: the .pth file.', required=True)
 
 
 if __name__ == '__main__':

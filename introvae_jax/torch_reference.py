@@ -63,15 +63,19 @@ class ResidualBlock(nn.Module):
     return self.relu2(self.bn2(h + skip))
 
 
+def _check_size(channels, image_size):
+  if 4 * 2 ** len(channels) != image_size:
+    raise ValueError(f'channels={tuple(channels)} need image_size='
+                     f'{4 * 2 ** len(channels)}, got {image_size}.')
+
+
 class Encoder(nn.Module):
   """x [B, C, H, W] -> (mu, logvar); reference `Encoder`."""
 
   def __init__(self, image_channels: int, hdim: int, channels: Sequence[int],
                image_size: int, reference_layout: bool = True):
     super().__init__()
-    if 4 * 2 ** len(channels) != image_size:
-      raise ValueError(f'channels={tuple(channels)} need image_size='
-                       f'{4 * 2 ** len(channels)}, got {image_size}.')
+    _check_size(channels, image_size)
     c = channels[0]
     self.main = nn.Sequential(
         nn.Conv2d(image_channels, c, 5, padding=2, bias=False),
@@ -100,9 +104,7 @@ class Decoder(nn.Module):
   def __init__(self, image_channels: int, hdim: int, channels: Sequence[int],
                image_size: int, reference_layout: bool = True):
     super().__init__()
-    if 4 * 2 ** len(channels) != image_size:
-      raise ValueError(f'channels={tuple(channels)} need image_size='
-                       f'{4 * 2 ** len(channels)}, got {image_size}.')
+    _check_size(channels, image_size)
     c = channels[-1]
     self.fc = nn.Sequential(nn.Linear(hdim, c * 4 * 4), nn.ReLU())
     self.main = nn.Sequential()

@@ -3,7 +3,8 @@
 Same weights, images and random draws on both sides:
 - forward: encoder (mu, logvar) and decoder output, float32, 1e-5 relative;
 - one reference iteration: every loss term and both networks' gradients,
-  float32, 1e-5 relative;
+  JAX in float32 within 1e-5 relative of the reference run in float64 on the
+  same inputs (and of torch's float32 run, up to torch's own float32 error);
 - three full iterations: every parameter, Adam moment and BatchNorm statistic,
   float64 on both sides, 1e-7 relative (docs/introvae.md 3b: in float32, Adam's
   first steps turn rounding differences into +-lr differences).
@@ -25,7 +26,7 @@ torch = pytest.importorskip('torch', reason='parity tests need torch: '
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-from introvae_jax import base_config, convert, models  # pylint: disable=g-import-not-at-top
+from introvae_jax import base_config, checkpointing, convert, models  # pylint: disable=g-import-not-at-top
 from introvae_jax import step as step_lib  # pylint: disable=g-import-not-at-top
 from introvae_jax import torch_reference as tr  # pylint: disable=g-import-not-at-top
 from conftest import in_subprocess  # pylint: disable=g-import-not-at-top
@@ -35,7 +36,7 @@ LOSS_TERMS = ('loss_rec', 'kl_real', 'kl_rec', 'kl_fake', 'kl_rec_g',
 
 
 # ----------------------------------------------------------------------------
-# Harness (also used by the float64 subprocess).
+# Harness (also used by test_convert.py).
 
 
 def small_config(**overrides):
@@ -57,8 +58,7 @@ def jax_state(config, seed=0, dtype=np.float32):
   away from their 1/0 initial values, so a mix-up of any two shows. Fresh
   Adam states, step 0.
   """
-  abstract = jax.eval_shape(lambda: step_lib.create_train_state(
-      config, jax.random.PRNGKey(0)))
+  abstract = checkpointing.abstract_state(config)
   rng = np.random.default_rng(seed)
 
   def fill(path, leaf):
@@ -271,7 +271,9 @@ def test_one_iteration_losses_and_gradients_match():
   BatchNorm inputs whose mean is a few times their spread, where a
   float32 variance needs care.
   """
-  config = small_config(batch_size=8, channels=(8, 16, 16))
+  # weight_rec small enough that the decoder's two gradient parts (L_AE
+  # kept from the E step, KLs of the G step) are of similar size.
+  config = small_config(batch_size=8, channels=(8, 16, 16), weight_rec=0.005)
   state = jax_state(config)
   x, eps, z_p = draws(config, 1)[0]
   with config.unlocked():
@@ -307,18 +309,17 @@ def test_one_iteration_losses_and_gradients_match():
                             and 'num_batches' not in k}
   for k, g in ref_grads.items():
     check(f'gradient {k}', grads[k], g.numpy(), grads32[k].numpy())
+  norm = lambda tree: np.sqrt(sum(float((g ** 2).sum()) for g in tree.values()))
   for name, tree in (('grad_norm_e', ref['grads_e']),
                      ('grad_norm_g', ref['grads_g'])):
-    norm = np.sqrt(sum(float((g ** 2).sum()) for g in tree.values()))
-    assert rel_err(metrics[name], norm) < 1e-5, name
+    assert rel_err(metrics[name], norm(tree)) < 1e-5, name
 
   # The decoder's gradient keeps the w_rec * L_AE part of L_E's backward pass
-  # (the reference never zeroes it); here it is a large share of the total,
-  # so the comparison above pins it.
-  kept = ref['grads_g_from_loss_e']['main.predict.bias'].numpy()
-  total = ref['grads_g']['main.predict.bias'].numpy()
-  size = lambda a: np.max(np.abs(a))
-  assert size(kept) > 0.05 * size(total) and size(total - kept) > 0.05 * size(total)
+  # (the reference never zeroes it); both it and the G-step part are a
+  # sizeable share of the total, so the comparison above pins each.
+  kept = ref['grads_g_from_loss_e']
+  g_step = {k: g - kept[k] for k, g in ref['grads_g'].items()}
+  assert min(norm(kept), norm(g_step)) > 0.05 * norm(ref['grads_g'])
 
 
 def test_full_backward_variant_gives_the_same_decoder_gradient():
