@@ -12,6 +12,7 @@ def get_config():
   c.dataset = 'mnist_offline'
   c.image_size = 32
   c.image_channels = 1
+  c.random_flip = False         # a mirrored digit is not a digit
   c.channels = (16, 32, 64)
   c.hdim = 32
   c.batch_size = 64
@@ -25,4 +26,6 @@ def get_config():
   c.log_every_steps = 50
   c.image_every_steps = 500
   c.checkpoint_every_steps = 500
+  c.eval_split_fraction = 0.2   # 1,000 held-out digits for evaluation
+  c.eval_every_steps = 1000
   return c

@@ -9,6 +9,9 @@ from configs import default
 def get_config():
   c = default.get_config()
   c.dataset = 'faces_offline'
+  c.random_flip = True
+  c.eval_split_fraction = 0.0   # overfit demo: train on all 100 faces
+  c.eval_every_steps = 0
   c.batch_size = 20
   c.num_vae_steps = 100
   c.num_train_steps = 1000

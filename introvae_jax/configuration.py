@@ -68,6 +68,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.max_to_keep = 3
   c.num_image_samples = 64
   c.on_nonfinite = 'stop'       # 'stop' (keep last good checkpoint) or 'skip'.
+
+  # Evaluation during training (introvae_jax.evaluation), written to TensorBoard.
+  c.eval_every_steps = 0        # 0: off.
+  c.eval_num_images = 1000
+  c.fid_weights = ''            # pt_inception-2015-12-05-6726825d.pth (FID/KID).
+  c.digit_classifier = ''       # digit CNN weights (mnist_offline); '' = cache.
   c.distributed = False         # jax.distributed.initialize() for multi-host.
   return c.lock()
 

@@ -35,7 +35,7 @@ def _decode(state, z, config, use_running_average):
   _, decoder = models.build_models(config)
   out = _apply(decoder, state.params_g, state.batch_stats_g, z,
                use_running_average)
-  return jnp.clip(out, 0.0, 1.0)
+  return jnp.clip(out, 0.0, 1.0) if config.arch == 'conv' else out
 
 
 @functools.partial(jax.jit, static_argnames=('config', 'use_running_average'))
@@ -46,7 +46,7 @@ def _encode(state, x, config, use_running_average):
 
 
 def decode(state, z, config, use_running_average=False):
-  """G(z), clipped to [0, 1]."""
+  """G(z); images are clipped to [0, 1]."""
   return _decode(state, z, _frozen(config), use_running_average)
 
 

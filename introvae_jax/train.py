@@ -19,6 +19,7 @@ import numpy as np
 import tqdm
 
 from introvae_jax import checkpointing
+from introvae_jax import evaluation
 from introvae_jax import input_pipeline
 from introvae_jax import sampling
 from introvae_jax import step as step_lib
@@ -93,6 +94,23 @@ def _write_images(writer, workdir, step, state, reals, z_fixed, config):
           os.path.join(workdir, 'images', f'{name}_{step:08d}.png'), grid)
 
 
+def _make_evaluator(config, writer):
+  """evaluate(step, state): metrics of `evaluation.evaluate_model` on fixed
+  (held-out when configured) images, written as eval/<name> scalars."""
+  reals = input_pipeline.eval_images(config, config.eval_num_images)
+  extractors, real_features = evaluation.feature_extractors_for(
+      config, reals, inception_path=config.fid_weights or None,
+      classifier_path=config.digit_classifier or None, log=logging.info)
+
+  def evaluate(step, state):
+    metrics = evaluation.evaluate_model(
+        state, config, reals, jax.random.PRNGKey(config.seed + 2),
+        feature_extractors=extractors, real_features=real_features)
+    writer.write_scalars(step, {f'eval/{k}': v for k, v in metrics.items()})
+
+  return evaluate
+
+
 def train_and_evaluate(config, workdir: str) -> step_lib.TrainState:
   """Trains until `config.num_train_steps`, resuming from the latest checkpoint."""
   validate(config)
@@ -119,6 +137,7 @@ def train_and_evaluate(config, workdir: str) -> step_lib.TrainState:
   reals = input_pipeline.eval_images(config, config.num_image_samples)
   z_fixed = jax.random.normal(jax.random.PRNGKey(config.seed + 1),
                               (config.num_image_samples, config.hdim))
+  evaluate = _make_evaluator(config, writer) if config.eval_every_steps else None
   data = input_pipeline.create_input_iter(config, start_step=start)
   p_step = step_lib.make_train_step(config, pmap=True)
   p_state = step_lib.replicate(state)
@@ -160,6 +179,8 @@ def train_and_evaluate(config, workdir: str) -> step_lib.TrainState:
         if step % config.image_every_steps == 0 or last:
           _write_images(writer, workdir, step, step_lib.unreplicate(p_state),
                         reals, z_fixed, config)
+        if evaluate and (step % config.eval_every_steps == 0 or last):
+          evaluate(step, step_lib.unreplicate(p_state))
         if step % config.checkpoint_every_steps == 0 or last or stop:
           flush(step)  # Never save a state that saw a non-finite loss.
           checkpointing.save(manager, step_lib.unreplicate(p_state), force=True)

@@ -27,7 +27,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_FLAGS = ['--config.image_size=16', '--config.channels=(4,8)',
               '--config.hdim=4', '--config.batch_size=8',
               '--config.num_image_samples=4', '--config.num_vae_steps=2',
-              '--config.m_plus=5.0', '--config.shuffle_buffer=64']
+              '--config.m_plus=5.0', '--config.shuffle_buffer=64',
+              '--config.eval_every_steps=3', '--config.eval_num_images=16',
+              '--config.eval_split_fraction=0.2']
 SCALAR_TAGS = {'loss_rec', 'kl_real', 'kl_rec', 'kl_fake', 'kl_rec_g',
                'kl_fake_g', 'loss_e', 'loss_g', 'grad_norm_e', 'grad_norm_g',
                'mu_mean', 'logvar_mean', 'vae_phase', 'steps_per_sec'}
@@ -97,7 +99,7 @@ def _tiny_config(**overrides):
   c = module.get_config()
   c.image_size, c.channels, c.hdim, c.batch_size = 16, (4, 8), 4, 8
   c.num_image_samples, c.num_vae_steps, c.m_plus = 4, 2, 5.0
-  c.shuffle_buffer = 64
+  c.shuffle_buffer, c.eval_every_steps = 64, 0
   for k, v in overrides.items():
     setattr(c, k, v)
   return c
@@ -123,6 +125,8 @@ def test_main_end_to_end_and_kill9_resume_is_exact(tmp_path, cache_dir):
   assert _complete_steps(full) == [2, 4, 6]
   scalars = _scalars(full)
   assert SCALAR_TAGS <= set(scalars), SCALAR_TAGS - set(scalars)
+  assert {'eval/rec_psnr', 'eval/kl_real', 'eval/kl_fake'} <= set(scalars), sorted(scalars)
+  assert sorted(scalars['eval/rec_psnr']) == [3, 6]
   assert sorted(scalars['loss_e']) == [1, 2, 3, 4, 5, 6]
   assert scalars['vae_phase'][1] == 1.0 and scalars['vae_phase'][3] == 0.0
   for kind in ('real', 'reconstruction', 'samples'):

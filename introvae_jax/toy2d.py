@@ -1,0 +1,461 @@
+"""The 2-D toy suite of Soft-IntroVAE, trained with the IntroVAE objective.
+
+Data sets, schedule and metrics follow Soft-IntroVAE (Daniel & Tamar, CVPR
+2021, taldatech/soft-intro-vae-pytorch `soft_intro_vae_2d`); docs: introvae.md
+section 5. The model is the project's MLP encoder/decoder (`arch='mlp'`) and
+the objective is `step.train_step`, unchanged.
+
+    python -m introvae_jax.toy2d --dataset=8gaussians --workdir=/tmp/toy
+    python -m introvae_jax.toy2d --config=configs/toy2d.py:rings --config.m_plus=5
+
+Metrics (`evaluate`):
+- `kl`: the reference's "KL", PyTorch `kl_div(log(q + 1e-14), p,
+  'batchmean')` between 100x100-bin *density* histograms (np.histogram2d,
+  density=True) of 5,000 real (p) and 5,000 generated (q) points over
+  [-2s, 2s]^2; 'batchmean' divides by the 100 histogram rows.
+- `jsd_reference`: the reference's "JSD", 0.5 * (kl_div(log p, m) +
+  kl_div(log q, m)) with m = (p + q) / 2, i.e. 0.5 * (KL(m||p) + KL(m||q)) on
+  densities (not the Jensen-Shannon divergence).
+- `jsd`: the textbook Jensen-Shannon divergence (nats, <= ln 2) between the
+  two histograms as probability masses.
+- `gnelbo`: grid-normalised negative ELBO, per-point (KL + squared error)
+  with z = mu, divided by its sum over a 1024x1024 grid on [-2s, 2s]^2 plus
+  the real points, averaged over 12,800 real points (lower is better).
+s is 1 for 8 Gaussians and 2 for the others, as in the reference.
+"""
+
+import functools
+import json
+import os
+import time
+from typing import Callable, Dict, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from introvae_jax import losses
+from introvae_jax import models
+from introvae_jax import step as step_lib
+from introvae_jax.configuration import base_config
+
+DATASETS = ('8gaussians', '2spirals', 'checkerboard', 'rings')
+
+# Objective weights per data set. weight_rec / weight_kl / weight_neg are the
+# Soft-IntroVAE recommendations (beta_rec, beta_kl, beta_neg). m_plus is this
+# project's choice for IntroVAE's hinge with a 2-D latent: the real points'
+# KL sits near 1 nat after the warm-up; on 8 Gaussians (2,000 warm-up + 1,500
+# adversarial steps) m = 3 gave a lower KL than m = 1 or 6 and a JSD close
+# to m = 1's. Tune it per data set with --config.m_plus.
+HPARAMS = {
+    '8gaussians': dict(weight_rec=0.2, weight_kl=0.3, weight_neg=0.9, m_plus=3.0),
+    '2spirals': dict(weight_rec=0.2, weight_kl=0.5, weight_neg=1.0, m_plus=3.0),
+    'checkerboard': dict(weight_rec=0.2, weight_kl=0.1, weight_neg=0.2, m_plus=3.0),
+    'rings': dict(weight_rec=0.2, weight_kl=0.2, weight_neg=1.0, m_plus=3.0),
+}
+
+
+def canonical_name(dataset: str) -> str:
+  """'8Gaussians' (the reference's spelling) -> '8gaussians', checked."""
+  name = dataset.lower()
+  if name not in DATASETS:
+    raise ValueError(f'dataset={dataset!r}; use one of {DATASETS}.')
+  return name
+
+
+def toy_config(dataset: str = '8gaussians') -> ml_collections.ConfigDict:
+  """The Soft-IntroVAE 2-D recipe for one data set (configs/toy2d.py)."""
+  name = canonical_name(dataset)
+  c = base_config()
+  c.arch, c.hdim, c.data_dim, c.mlp_hidden = 'mlp', 2, 2, (256, 256, 256)
+  c.batch_size = 512
+  c.lr_e = c.lr_g = 2e-4
+  c.num_train_steps = 30_000
+  c.num_vae_steps = 2_000
+  c.log_every_steps = 1_000
+  for field, value in HPARAMS[name].items():
+    setattr(c, field, value)
+  with c.unlocked():
+    c.toy = ml_collections.ConfigDict(dict(
+        dataset=name,
+        lr_boundaries=(10_000, 15_000),  # Adam lr x lr_decay at each.
+        lr_decay=0.1,
+        num_eval_points=5_000,          # per histogram (real and generated)
+        hist_bins=100,
+        grid_points=1_024,              # gnELBO grid per axis
+        num_elbo_points=12_800,         # real points for gnELBO (100 x 128)
+        num_plot_points=1_024,
+    ))
+  return c
+
+
+# --------------------------------------------------------------------------
+# Data (reference: `ToyDataset.next_batch` for 8 Gaussians, `sample_2d_data`
+# for the others).
+
+def grid_scale(dataset: str) -> float:
+  """s of the evaluation square [-2s, 2s]^2 (reference `main.py`)."""
+  return 1.0 if canonical_name(dataset) == '8gaussians' else 2.0
+
+
+def _eight_gaussians(key, n):
+  # Modes on a circle of radius 2, std 0.02, everything divided by 1.414.
+  k_mode, k_noise = jax.random.split(key)
+  angle = jax.random.randint(k_mode, (n,), 0, 8) * (jnp.pi / 4)
+  centers = 2.0 * jnp.stack([jnp.cos(angle), jnp.sin(angle)], axis=1)
+  return (centers + 0.02 * jax.random.normal(k_noise, (n, 2))) / 1.414
+
+
+def _two_spirals(key, n):
+  k_r, k_x, k_y, k_noise = jax.random.split(key, 4)
+  half = (n + 1) // 2
+  t = jnp.sqrt(jax.random.uniform(k_r, (half,))) * 540 * (2 * jnp.pi) / 360
+  x = -jnp.cos(t) * t + 0.5 * jax.random.uniform(k_x, (half,))
+  y = jnp.sin(t) * t + 0.5 * jax.random.uniform(k_y, (half,))
+  arm = jnp.stack([x, y], axis=1)
+  points = jnp.concatenate([arm, -arm], axis=0)[:n] / 3
+  return points + 0.1 * jax.random.normal(k_noise, (n, 2))
+
+
+def _checkerboard(key, n):
+  k1, k2, k3 = jax.random.split(key, 3)
+  x1 = jax.random.uniform(k1, (n,)) * 4 - 2
+  x2 = (jax.random.uniform(k2, (n,))
+        - 2.0 * jax.random.randint(k3, (n,), 0, 2) + jnp.floor(x1) % 2)
+  return 2 * jnp.stack([x1, x2], axis=1)
+
+
+def _rings(key, n):
+  # Four circles (radii 3, 2.25, 1.5, 0.75) of n//4 evenly spaced points each
+  # (the smallest takes the remainder), resampled with replacement, noise 0.08.
+  k_idx, k_noise = jax.random.split(key)
+  quarter = n // 4
+  counts = (quarter, quarter, quarter, n - 3 * quarter)
+  rings = []
+  for radius, count in zip((1.0, 0.75, 0.5, 0.25), counts):
+    angle = jnp.arange(count) * (2 * jnp.pi / count)
+    rings.append(radius * jnp.stack([jnp.cos(angle), jnp.sin(angle)], axis=1))
+  points = 3.0 * jnp.concatenate(rings, axis=0)
+  points = points[jax.random.randint(k_idx, (n,), 0, n)]
+  return points + 0.08 * jax.random.normal(k_noise, (n, 2))
+
+
+_GENERATORS = {'8gaussians': _eight_gaussians, '2spirals': _two_spirals,
+               'checkerboard': _checkerboard, 'rings': _rings}
+
+
+def sample_data(dataset: str, key, num: int) -> jax.Array:
+  """`num` float32 points [num, 2] of a toy data set (jit-able, num static)."""
+  return _GENERATORS[canonical_name(dataset)](key, num).astype(jnp.float32)
+
+
+# --------------------------------------------------------------------------
+# Metrics.
+
+def torch_kl_div(log_input, target) -> float:
+  """PyTorch `F.kl_div(log_input, target, reduction='batchmean')` in NumPy.
+
+  sum(xlogy(target, target) - target * log_input) / log_input.shape[0]:
+  terms with target == 0 contribute 0.
+  """
+  log_input = np.asarray(log_input, np.float64)
+  target = np.asarray(target, np.float64)
+  safe = np.where(target > 0, target, 1.0)
+  pointwise = np.where(target > 0, target * np.log(safe), 0.0) - target * log_input
+  return float(pointwise.sum() / log_input.shape[0])
+
+
+def density_histogram(points, scale: float, bins: int = 100) -> np.ndarray:
+  """np.histogram2d(density=True) over [-2s, 2s]^2 (points outside dropped)."""
+  points = np.asarray(points, np.float64)
+  lim = [-2.0 * scale, 2.0 * scale]
+  hist, _, _ = np.histogram2d(points[:, 0], points[:, 1], bins=bins,
+                              range=[lim, lim], density=True)
+  return hist
+
+
+def histogram_divergences(real, fake, scale: float,
+                          bins: int = 100) -> Dict[str, float]:
+  """The reference's `kl` and `jsd_reference` plus the textbook `jsd`."""
+  p = density_histogram(real, scale, bins)
+  q = density_histogram(fake, scale, bins)
+  tiny = 1e-14  # the reference's offset inside the log
+  m = 0.5 * (p + q)
+  kl = torch_kl_div(np.log(q + tiny), p)
+  jsd_reference = 0.5 * (torch_kl_div(np.log(p + tiny), m) +
+                         torch_kl_div(np.log(q + tiny), m))
+  return {'kl': kl, 'jsd_reference': jsd_reference,
+          'jsd': jensen_shannon(p, q)}
+
+
+def jensen_shannon(p, q) -> float:
+  """Textbook JSD in nats of two histograms (normalised to masses here)."""
+  p = np.asarray(p, np.float64).ravel()
+  q = np.asarray(q, np.float64).ravel()
+  p, q = p / p.sum(), q / q.sum()
+  m = 0.5 * (p + q)
+
+  def kl(a):
+    pos = a > 0
+    return float(np.sum(a[pos] * np.log(a[pos] / m[pos])))
+
+  return 0.5 * (kl(p) + kl(q))
+
+
+def grid_points(scale: float, num: int) -> np.ndarray:
+  """A num x num grid over [-2s, 2s]^2 as [num*num, 2], row-major in (x, y)."""
+  axis = np.linspace(-2.0 * scale, 2.0 * scale, num, dtype=np.float32)
+  xx, yy = np.meshgrid(axis, axis, indexing='ij')
+  return np.stack([xx.ravel(), yy.ravel()], axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=('config',))
+def _negative_elbo(params_e, params_g, x, config):
+  encoder, decoder = models.build_models(config)
+  mu, logvar = encoder.apply({'params': params_e}, x, train=False)
+  x_rec = decoder.apply({'params': params_g}, mu, train=False)
+  return (losses.kl_divergence(mu, logvar)
+          + losses.reconstruction_loss(x, x_rec))
+
+
+def negative_elbo(state, x, config, chunk: int = 16_384) -> np.ndarray:
+  """Per-point KL + squared error with z = mu (reference beta_kl = beta_rec = 1)."""
+  frozen = ml_collections.FrozenConfigDict(config)
+  x = np.asarray(x, np.float32)
+  out = [np.asarray(_negative_elbo(state.params_e, state.params_g,
+                                   x[i:i + chunk], frozen))
+         for i in range(0, len(x), chunk)]
+  return np.concatenate(out).astype(np.float64)
+
+
+def grid_normalized_elbo(elbo_real, elbo_grid) -> float:
+  """gnELBO: mean of elbo_real / (sum(elbo_grid) + sum(elbo_real))."""
+  elbo_real = np.asarray(elbo_real, np.float64)
+  total = np.sum(elbo_grid, dtype=np.float64) + elbo_real.sum()
+  return float(np.mean(elbo_real / total))
+
+
+@functools.partial(jax.jit, static_argnames=('config', 'num'))
+def _generate(params_g, key, config, num):
+  _, decoder = models.build_models(config)
+  z = jax.random.normal(key, (num, config.hdim), jnp.float32)
+  return decoder.apply({'params': params_g}, z, train=False)
+
+
+def generate(state, key, num: int, config) -> np.ndarray:
+  """Decoded prior samples G(z), z ~ N(0, I), unclipped 2-D points."""
+  frozen = ml_collections.FrozenConfigDict(config)
+  return np.asarray(_generate(state.params_g, key, frozen, num))
+
+
+def evaluate(state, config, key) -> Tuple[Dict[str, float], Dict[str, np.ndarray]]:
+  """(metrics, arrays for plots): kl, jsd_reference, jsd, gnelbo."""
+  toy = config.toy
+  scale = grid_scale(toy.dataset)
+  k_real, k_fake, k_elbo, k_plot_r, k_plot_f = jax.random.split(key, 5)
+  real = np.asarray(sample_data(toy.dataset, k_real, toy.num_eval_points))
+  fake = generate(state, k_fake, toy.num_eval_points, config)
+  metrics = histogram_divergences(real, fake, scale, toy.hist_bins)
+  grid = grid_points(scale, toy.grid_points)
+  elbo_grid = negative_elbo(state, grid, config)
+  elbo_real = negative_elbo(
+      state, sample_data(toy.dataset, k_elbo, toy.num_elbo_points), config)
+  metrics['gnelbo'] = grid_normalized_elbo(elbo_real, elbo_grid)
+  arrays = {
+      'real': np.asarray(sample_data(toy.dataset, k_plot_r, toy.num_plot_points)),
+      'fake': generate(state, k_plot_f, toy.num_plot_points, config),
+      # The reference's density plot: exp(-(KL + squared error)) on the grid.
+      'density': np.exp(-elbo_grid).reshape(toy.grid_points, toy.grid_points),
+  }
+  return metrics, arrays
+
+
+# --------------------------------------------------------------------------
+# Training.
+
+def lr_segments(num_steps: int, boundaries, decay: float):
+  """[(start, end, lr factor)] covering [0, num_steps): a step schedule.
+
+  Matches torch `MultiStepLR(milestones, gamma)` stepped once per iteration
+  and optax `piecewise_constant_schedule`: iteration i uses
+  decay ** #{b <= i}.
+  """
+  edges = [0] + [b for b in sorted(boundaries) if 0 < b < num_steps] + [num_steps]
+  out = []
+  for start, end in zip(edges[:-1], edges[1:]):
+    factor = decay ** sum(b <= start for b in boundaries)
+    out.append((start, end, factor))
+  return out
+
+
+def _phase_config(config, factor: float):
+  """config with both learning rates times `factor`, frozen for jit.
+
+  Adam's moments do not depend on the learning rate and its update is
+  -lr * m_hat / (sqrt(v_hat) + eps), so running each constant-lr phase with
+  the scaled rate is exactly the step schedule, through the unmodified
+  `train_step`.
+  """
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.lr_e = config.lr_e * factor
+  c.lr_g = config.lr_g * factor
+  return ml_collections.FrozenConfigDict(c)
+
+
+@functools.lru_cache(maxsize=None)
+def _chunk_fn(config: ml_collections.FrozenConfigDict, num_steps: int):
+  """Jitted: `num_steps` train steps under lax.scan, data drawn inside."""
+  dataset, batch = config.toy.dataset, config.batch_size
+
+  def run(state, data_key):
+    def body(state, _):
+      key = jax.random.fold_in(data_key, state.step)
+      return step_lib.train_step(state, sample_data(dataset, key, batch), config)
+
+    state, metrics = jax.lax.scan(body, state, None, length=num_steps)
+    return state, jax.tree_util.tree_map(jnp.mean, metrics)
+
+  return jax.jit(run, donate_argnums=(0,))
+
+
+def train(config, log: Optional[Callable[[str], None]] = print):
+  """Trains from scratch; returns (state, [(step, chunk-mean metrics)])."""
+  if config.arch != 'mlp' or config.data_dim != 2:
+    raise ValueError(f"The toy suite needs arch='mlp' and data_dim=2, got "
+                     f'arch={config.arch!r}, data_dim={config.data_dim}.')
+  rng = jax.random.PRNGKey(config.seed)
+  state = step_lib.create_train_state(config, rng)
+  data_key = jax.random.fold_in(rng, 1)
+  history = []
+  every = max(1, config.log_every_steps)
+  start_time = time.time()
+  for start, end, factor in lr_segments(config.num_train_steps,
+                                        config.toy.lr_boundaries,
+                                        config.toy.lr_decay):
+    phase = _phase_config(config, factor)
+    step = start
+    while step < end:
+      n = min(every - step % every, end - step)
+      state, metrics = _chunk_fn(phase, n)(state, data_key)
+      step += n
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      if not np.isfinite(metrics['loss_e'] + metrics['loss_g']):
+        raise FloatingPointError(f'Non-finite loss by step {step}: {metrics}')
+      history.append((step, metrics))
+      if log is not None and (step % every == 0 or step == config.num_train_steps):
+        log(f'step {step:6d}  lr x{factor:g}  rec {metrics["loss_rec"]:.4f}  '
+            f'kl_real {metrics["kl_real"]:.3f}  kl_rec {metrics["kl_rec"]:.3f}  '
+            f'kl_fake {metrics["kl_fake"]:.3f}  ({time.time() - start_time:.0f} s)')
+  return state, history
+
+
+# --------------------------------------------------------------------------
+# Plots and the command line.
+
+def save_plots(arrays, dataset: str, workdir: str) -> Dict[str, str]:
+  """samples.png (real | generated | density) and density.png; returns paths."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  os.makedirs(workdir, exist_ok=True)
+  lim = 2.0 * grid_scale(dataset)
+  paths = {'samples': os.path.join(workdir, f'{dataset}_samples.png'),
+           'density': os.path.join(workdir, f'{dataset}_density.png')}
+
+  def density(ax):
+    # Rows of the grid are x (indexing='ij'), so transpose for imshow.
+    ax.imshow(arrays['density'].T, origin='lower', extent=(-lim, lim, -lim, lim),
+              cmap='jet', interpolation='nearest')
+
+  fig, axes = plt.subplots(1, 3, figsize=(15, 5))
+  for ax, key, color, title in ((axes[0], 'real', 'tab:blue', 'Real data'),
+                                (axes[1], 'fake', 'tab:green', 'Samples')):
+    ax.scatter(arrays[key][:, 0], arrays[key][:, 1], s=4, c=color)
+    ax.set_title(title)
+  density(axes[2])
+  axes[2].set_title('Density exp(-(KL + rec))')
+  for ax in axes:
+    ax.set_xlim(-lim, lim)
+    ax.set_ylim(-lim, lim)
+    ax.set_aspect('equal')
+    ax.set_axis_off()
+  fig.savefig(paths['samples'], bbox_inches='tight', dpi=80)
+  plt.close(fig)
+
+  fig, ax = plt.subplots(figsize=(5, 5))
+  density(ax)
+  ax.set_axis_off()
+  fig.savefig(paths['density'], bbox_inches='tight', dpi=100)
+  plt.close(fig)
+  return paths
+
+
+def format_table(rows) -> str:
+  """rows: [(dataset, metrics)] -> a Markdown table."""
+  head = '| data set | gnELBO | KL | JSD (reference) | JSD (textbook) |'
+  lines = [head, '|---|---|---|---|---|']
+  for name, m in rows:
+    lines.append(f'| {name} | {m["gnelbo"]:.4e} | {m["kl"]:.4f} | '
+                 f'{m["jsd_reference"]:.4f} | {m["jsd"]:.4f} |')
+  return '\n'.join(lines)
+
+
+def run(config, workdir: str, log=print) -> Dict[str, float]:
+  """Trains, evaluates, writes plots and results.json; returns the metrics."""
+  start = time.time()
+  state, _ = train(config, log=log)
+  train_s = time.time() - start
+  metrics, arrays = evaluate(state, config, jax.random.PRNGKey(config.seed + 1))
+  metrics['train_seconds'] = train_s
+  metrics['eval_seconds'] = time.time() - start - train_s
+  paths = save_plots(arrays, config.toy.dataset, workdir)
+  with open(os.path.join(workdir, f'{config.toy.dataset}_results.json'), 'w') as f:
+    json.dump(dict(metrics, steps=config.num_train_steps,
+                   config=json.loads(config.to_json_best_effort())), f, indent=2)
+  if log is not None:
+    log(format_table([(config.toy.dataset, metrics)]))
+    log(f'train {train_s:.0f} s, eval {metrics["eval_seconds"]:.0f} s; '
+        f'plots: {paths["samples"]}, {paths["density"]}')
+  return metrics
+
+
+def main(argv):
+  from absl import app
+  from absl import flags
+
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  f = flags.FLAGS
+  if f.config is not None:
+    config = f.config
+    if f['dataset'].present and canonical_name(f.dataset) != config.toy.dataset:
+      raise app.UsageError(f'--dataset={f.dataset} disagrees with the config '
+                           f'({config.toy.dataset}); pass one of them.')
+  else:
+    config = toy_config(f.dataset)
+  if f.num_steps is not None:
+    config.num_train_steps = f.num_steps
+  if f.seed is not None:
+    config.seed = f.seed
+  workdir = f.workdir or os.path.join('toy2d_runs', config.toy.dataset)
+  run(config, workdir)
+
+
+def _define_flags():
+  from absl import flags
+  from ml_collections import config_flags
+  flags.DEFINE_string('dataset', '8gaussians', f'One of {DATASETS}.')
+  flags.DEFINE_integer('num_steps', None, 'Iterations (default: the config, 30,000).')
+  flags.DEFINE_integer('seed', None, 'Random seed (default: the config).')
+  flags.DEFINE_string('workdir', None, 'Folder for plots and results.json '
+                      '(default: toy2d_runs/<dataset>).')
+  config_flags.DEFINE_config_file('config', None, 'Optional config file, e.g. '
+                                  'configs/toy2d.py:rings.', lock_config=True)
+
+
+if __name__ == '__main__':
+  from absl import app
+  _define_flags()
+  app.run(main)

@@ -1,0 +1,256 @@
+"""The 2-D toy suite: data generators, metrics, schedule and a short run."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import optax
+import pytest
+from scipy import spatial
+from scipy import stats
+
+from introvae_jax import toy2d
+from conftest import REPO_ROOT
+
+# --------------------------------------------------------------------------
+# Data.
+
+
+def _sample(name, n=20_000, seed=0):
+  return np.asarray(toy2d.sample_data(name, jax.random.PRNGKey(seed), n))
+
+
+@pytest.mark.parametrize('name', toy2d.DATASETS)
+def test_generators_shape_dtype_and_range(name):
+  x = _sample(name, 1001)
+  assert x.shape == (1001, 2) and x.dtype == np.float32
+  lim = 2 * toy2d.grid_scale(name)
+  assert np.mean(np.all(np.abs(x) < lim, axis=1)) > 0.99
+
+
+def test_eight_gaussians_statistics():
+  x = _sample('8gaussians')
+  radius = np.linalg.norm(x, axis=1)
+  np.testing.assert_allclose(radius.mean(), 2 / 1.414, rtol=1e-3)
+  assert radius.std() == pytest.approx(0.02 / 1.414, rel=0.05)
+  mode = np.round(np.arctan2(x[:, 1], x[:, 0]) / (np.pi / 4)).astype(int) % 8
+  np.testing.assert_allclose(np.bincount(mode, minlength=8) / len(x), 1 / 8,
+                             atol=0.01)
+
+
+def test_checkerboard_statistics():
+  x = _sample('checkerboard')
+  assert np.all(np.abs(x) <= 4)
+  # Occupied squares of side 2 alternate: floor(x/2) + floor(y/2) is even.
+  assert np.all((np.floor(x[:, 0] / 2) + np.floor(x[:, 1] / 2)) % 2 == 0)
+  np.testing.assert_allclose(x.mean(axis=0), 0, atol=0.05)
+
+
+def test_rings_statistics():
+  x = _sample('rings')
+  radius = np.linalg.norm(x, axis=1)
+  ring = np.argmin(np.abs(radius[:, None] - np.array([3, 2.25, 1.5, 0.75])), 1)
+  np.testing.assert_allclose(np.bincount(ring) / len(x), 0.25, atol=0.015)
+  for k, r in enumerate((3, 2.25, 1.5, 0.75)):
+    assert abs(radius[ring == k].mean() - r) < 0.01
+
+
+def test_two_spirals_statistics():
+  x = _sample('2spirals')
+  np.testing.assert_allclose(x.mean(axis=0), 0, atol=0.03)  # point symmetric
+  assert np.linalg.norm(x, axis=1).max() < 3 * np.pi / 3 + 0.8
+  assert _sample('2spirals', 7).shape == (7, 2)  # odd sizes work
+
+
+def test_dataset_names():
+  assert toy2d.canonical_name('8Gaussians') == '8gaussians'
+  with pytest.raises(ValueError, match='use one of'):
+    toy2d.canonical_name('moons')
+
+
+# --------------------------------------------------------------------------
+# Metrics.
+
+
+def test_torch_kl_div_semantics():
+  rs = np.random.RandomState(0)
+  target = rs.rand(4, 5)
+  target[0, :2] = 0.0   # zero targets contribute nothing
+  log_input = np.log(rs.rand(4, 5))
+  pos = target > 0
+  expected = np.sum(target[pos] * (np.log(target[pos]) - log_input[pos])) / 4
+  np.testing.assert_allclose(toy2d.torch_kl_div(log_input, target), expected)
+  torch = pytest.importorskip('torch')
+  got_torch = torch.nn.functional.kl_div(
+      torch.tensor(log_input), torch.tensor(target), reduction='batchmean')
+  np.testing.assert_allclose(toy2d.torch_kl_div(log_input, target),
+                             float(got_torch), rtol=1e-12)
+
+
+def _bins_area(scale, bins):
+  return (4 * scale / bins) ** 2
+
+
+def test_histogram_kl_against_scipy_entropy():
+  # Density histograms are masses / bin area; with every real bin also
+  # occupied by fakes the reference's value is KL(P||Q) / (area * bins).
+  rs = np.random.RandomState(1)
+  real = rs.randn(5000, 2) * 0.4
+  fake = np.concatenate([rs.randn(2000, 2) * 0.5, rs.rand(3000, 2) * 4 - 2])
+  bins, scale = 20, 1.0
+  p = toy2d.density_histogram(real, scale, bins)
+  q = toy2d.density_histogram(fake, scale, bins)
+  np.testing.assert_allclose(p.sum() * _bins_area(scale, bins), 1.0)
+  assert np.all(q[p > 0] > 0)
+  out = toy2d.histogram_divergences(real, fake, scale, bins)
+  expected = stats.entropy(p.ravel(), q.ravel()) / (_bins_area(scale, bins) * bins)
+  np.testing.assert_allclose(out['kl'], expected, rtol=1e-9)
+  # Textbook JSD (nats) = scipy's Jensen-Shannon *distance* squared.
+  np.testing.assert_allclose(
+      out['jsd'], spatial.distance.jensenshannon(p.ravel(), q.ravel()) ** 2,
+      rtol=1e-9)
+  # The reference's "JSD": 0.5 (KL(M||P) + KL(M||Q)) on densities.
+  m = 0.5 * (p + q)
+  area = _bins_area(scale, bins)
+  kl_m = lambda a: np.sum(m[m > 0] * np.log(m[m > 0] / (a[m > 0] + 1e-14))) / bins
+  np.testing.assert_allclose(out['jsd_reference'], 0.5 * (kl_m(p) + kl_m(q)),
+                             rtol=1e-9)
+  assert 0 < out['jsd'] < np.log(2)
+  assert area > 0
+
+
+def test_histogram_divergences_identical_and_disjoint():
+  rs = np.random.RandomState(2)
+  pts = rs.rand(3000, 2) - 0.5
+  same = toy2d.histogram_divergences(pts, pts, 1.0)
+  for value in same.values():  # log(p + 1e-14) vs log(p): round-off only
+    assert value == pytest.approx(0.0, abs=1e-12)
+  far = toy2d.histogram_divergences(pts, pts + 1.2, 1.0)
+  np.testing.assert_allclose(far['jsd'], np.log(2), rtol=1e-12)
+  # Where fakes never land the reference's log(q + 1e-14) makes KL large.
+  assert far['kl'] > 20 * np.log(10) / 100
+
+
+def test_points_outside_the_square_are_dropped():
+  inside = np.array([[0.1, 0.1], [0.5, -0.5]])
+  outside = np.array([[5.0, 5.0]])
+  np.testing.assert_allclose(
+      toy2d.density_histogram(np.concatenate([inside, outside]), 1.0, 10),
+      toy2d.density_histogram(inside, 1.0, 10))
+
+
+def test_grid_normalized_elbo_by_hand():
+  real = np.array([1.0, 2.0, 3.0])
+  grid = np.array([4.0, 5.0, 6.0, 7.0])
+  expected = np.mean(real / (real.sum() + grid.sum()))
+  assert toy2d.grid_normalized_elbo(real, grid) == pytest.approx(expected)
+  g = toy2d.grid_points(1.0, 5)
+  assert g.shape == (25, 2) and g.min() == -2 and g.max() == 2
+
+
+# --------------------------------------------------------------------------
+# Schedule.
+
+
+def test_lr_segments_match_optax_and_multisteplr():
+  segs = toy2d.lr_segments(30_000, (10_000, 15_000), 0.1)
+  assert [(a, b) for a, b, _ in segs] == [(0, 10_000), (10_000, 15_000),
+                                          (15_000, 30_000)]
+  np.testing.assert_allclose([f for _, _, f in segs], [1, 0.1, 0.01])
+  sched = optax.piecewise_constant_schedule(1.0, {10_000: 0.1, 15_000: 0.1})
+  for start, end, factor in segs:
+    for i in (start, end - 1):
+      np.testing.assert_allclose(float(sched(i)), factor, rtol=1e-6)
+  assert toy2d.lr_segments(500, (10_000,), 0.1) == [(0, 500, 1.0)]
+
+
+def test_phase_learning_rates_equal_a_scheduled_adam():
+  # What `train` relies on: constant-lr Adam per phase == Adam with the step
+  # schedule (moments do not depend on the learning rate).
+  rs = np.random.RandomState(3)
+  grads = [rs.randn(5).astype(np.float32) for _ in range(6)]
+  boundaries, lr = (2, 4), 1e-2
+  sched = optax.adam(optax.piecewise_constant_schedule(
+      lr, {b: 0.1 for b in boundaries}))
+  p_sched = p_phase = np.zeros(5, np.float32)
+  s_sched = sched.init(p_sched)
+  phases = toy2d.lr_segments(len(grads), boundaries, 0.1)
+  s_phase = optax.adam(lr).init(p_phase)
+  for start, end, factor in phases:
+    tx = optax.adam(lr * factor)
+    for i in range(start, end):
+      u, s_sched = sched.update(grads[i], s_sched, p_sched)
+      p_sched = optax.apply_updates(p_sched, u)
+      u, s_phase = tx.update(grads[i], s_phase, p_phase)
+      p_phase = optax.apply_updates(p_phase, u)
+  np.testing.assert_allclose(p_phase, p_sched, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------
+# Training.
+
+
+def _tiny_config(dataset='rings', steps=300):
+  c = toy2d.toy_config(dataset)
+  c.mlp_hidden = (64, 64, 64)
+  c.batch_size = 128
+  c.num_train_steps = steps
+  c.num_vae_steps = steps // 2
+  c.log_every_steps = 100
+  c.toy.lr_boundaries = (steps - 100,)  # chunks of 100: one compile per phase
+  c.toy.num_eval_points = 2_000
+  c.toy.hist_bins = 20  # 2,000 points: coarse bins keep sampling noise low
+  c.toy.grid_points = 64
+  c.toy.num_elbo_points = 1_000
+  c.toy.num_plot_points = 256
+  c.lr_e = c.lr_g = 1e-3
+  return c
+
+
+def test_short_training_reduces_jsd_and_writes_plots(tmp_path):
+  config = _tiny_config()
+  key = jax.random.PRNGKey(5)
+  state0 = toy2d.step_lib.create_train_state(config, jax.random.PRNGKey(0))
+  before, _ = toy2d.evaluate(state0, config, key)
+  lines = []
+  state, history = toy2d.train(config, log=lines.append)
+  after, arrays = toy2d.evaluate(state, config, key)
+  assert [s for s, _ in history] == [100, 200, 300]
+  assert len(lines) == 3 and 'kl_fake' in lines[0]
+  assert after['jsd'] < 0.7 * before['jsd']
+  assert after['kl'] < before['kl']
+  assert arrays['density'].shape == (64, 64)
+  paths = toy2d.save_plots(arrays, 'rings', str(tmp_path))
+  for path in paths.values():
+    with open(path, 'rb') as f:
+      assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  table = toy2d.format_table([('rings', after)])
+  assert table.count('\n') == 2 and 'gnELBO' in table
+
+
+def test_train_rejects_image_configs():
+  config = toy2d.toy_config()
+  config.arch = 'conv'
+  with pytest.raises(ValueError, match="arch='mlp'"):
+    toy2d.train(config)
+
+
+@pytest.mark.slow
+def test_command_line(tmp_path):
+  cmd = [sys.executable, '-m', 'introvae_jax.toy2d',
+         '--config=configs/toy2d.py:checkerboard', '--num_steps=20',
+         '--config.mlp_hidden=(16,16,16)', '--config.num_vae_steps=10',
+         '--config.toy.grid_points=32', '--config.toy.num_eval_points=500',
+         '--config.toy.num_elbo_points=500', f'--workdir={tmp_path}']
+  env = dict(os.environ, PYTHONPATH=REPO_ROOT, JAX_PLATFORMS='cpu')
+  proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert '| checkerboard |' in proc.stdout
+  with open(os.path.join(tmp_path, 'checkerboard_results.json')) as f:
+    results = json.load(f)
+  assert results['steps'] == 20 and np.isfinite(results['gnelbo'])
+  assert os.path.exists(os.path.join(tmp_path, 'checkerboard_density.png'))
