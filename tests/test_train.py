@@ -39,7 +39,7 @@ SCALAR_TAGS = {'loss_rec', 'kl_real', 'kl_rec', 'kl_fake', 'kl_rec_g',
 def cache_dir(tmp_path_factory):
   """One persistent compilation cache for this module and its children."""
   path = str(tmp_path_factory.mktemp('xla_cache'))
-  saved = {k: jax.config.read(k) for k in (
+  saved = {k: getattr(jax.config, k) for k in (
       'jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs')}
   jax.config.update('jax_compilation_cache_dir', path)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
