@@ -51,7 +51,8 @@ def cache_dir(tmp_path_factory):
 def _env(cache_dir):
   env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache_dir,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-             JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
+             JAX_PLATFORMS='cpu', PYTHONPATH=REPO,
+             INTROVAE_CACHE=os.path.join(cache_dir, 'introvae'))  # hermetic
   env.pop('XLA_FLAGS', None)
   return env
 
