@@ -53,8 +53,7 @@ def save(manager: ocp.CheckpointManager, state: step_lib.TrainState,
          *, force: bool = False) -> bool:
   """Saves an (unreplicated) state at its own step; async unless forced."""
   step = int(jax.device_get(state.step))
-  saved = manager.save(step, args=ocp.args.StandardSave(state), force=force)
-  return saved
+  return manager.save(step, args=ocp.args.StandardSave(state), force=force)
 
 
 def _key_name(entry) -> str:
