@@ -3,6 +3,8 @@
 Same machine, architecture (the reference widths, `channels_for`), batch and
 thread count on both sides; each side runs in its own child process (pinned
 to the same `--threads` CPUs), so compile times and peak RSS are separate.
+Both processes stay alive and take turns, one timed iteration each, so a
+change in the machine's load hits both sides alike.
 
   python bench/compare_pytorch.py                      # 64, 128 and 256 px
   python bench/compare_pytorch.py --sizes=64 --steps=3
@@ -11,7 +13,9 @@ Per size it prints, for each side: compile time (JAX: lowering + XLA
 compilation of the jitted `train_step`; PyTorch runs eagerly and has none),
 the first iteration, the median seconds per iteration over `--steps` timed
 iterations after one warm-up, images/s, and the process's peak RSS; then the
-JAX/PyTorch ratios. Batches: 64 px x 16, 128 px x 8, 256 px x 4 (override with
+JAX/PyTorch ratios. For JAX also XLA's FLOP count per step and the FLOP/s
+achieved (the PyTorch side runs the same model FLOPs plus a second decoder
+backward). Batches: 64 px x 16, 128 px x 8, 256 px x 4 (override with
 `--batch`). Synthetic images and fresh random draws each iteration; no input
 pipeline is timed.
 
@@ -49,16 +53,21 @@ def _peak_rss_mib():
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _time_iterations(run_one, steps):
+def _serve(run_one, setup):
+  """Worker loop: one warm-up iteration, then one timed iteration per 'go'
+  line from the parent; prints RESULT lines the parent reads."""
   t0 = time.perf_counter()
   run_one()
-  first = time.perf_counter() - t0
-  times = []
-  for _ in range(steps):
+  print('RESULT ' + json.dumps(dict(setup, first_s=time.perf_counter() - t0)),
+        flush=True)
+  for line in sys.stdin:
+    if line.strip() != 'go':
+      break
     t0 = time.perf_counter()
     run_one()
-    times.append(time.perf_counter() - t0)
-  return first, times
+    print('RESULT ' + json.dumps(dict(time_s=time.perf_counter() - t0)),
+          flush=True)
+  print('RESULT ' + json.dumps(dict(peak_rss_mib=_peak_rss_mib())), flush=True)
 
 
 def worker_jax(args):
@@ -84,9 +93,9 @@ def worker_jax(args):
     holder[0], metrics = compiled(holder[0], x)
     jax.block_until_ready(metrics)
 
-  first, times = _time_iterations(run_one, args.steps)
-  return dict(compile_s=compile_s, first_s=first, times=times,
-              backend=jax.default_backend(), version=jax.__version__)
+  import xla_cost  # pylint: disable=g-import-not-at-top  (bench/, beside this file)
+  return run_one, dict(compile_s=compile_s, flops=xla_cost.flops(compiled),
+                       backend=jax.default_backend(), version=jax.__version__)
 
 
 def worker_torch(args):
@@ -109,33 +118,53 @@ def worker_torch(args):
     tr.introspective_iteration(model, opt_e, opt_g, x, eps, z_p, config,
                                keep_grads=False)
 
-  first, times = _time_iterations(run_one, args.steps)
-  return dict(compile_s=None, first_s=first, times=times,
-              threads=torch.get_num_threads(), version=torch.__version__)
+  return run_one, dict(compile_s=None, threads=torch.get_num_threads(),
+                       version=torch.__version__)
 
 
 def run_worker(args):
   cpus = sorted(os.sched_getaffinity(0))[:args.threads]
   os.sched_setaffinity(0, cpus)
-  result = (worker_jax if args.worker == 'jax' else worker_torch)(args)
-  result.update(cpus=cpus, peak_rss_mib=_peak_rss_mib())
-  print('RESULT ' + json.dumps(result))
+  run_one, setup = (worker_jax if args.worker == 'jax' else worker_torch)(args)
+  _serve(run_one, dict(setup, cpus=cpus))
 
 
-def _spawn(side, size, batch, args):
-  env = dict(os.environ, OMP_NUM_THREADS=str(args.threads),
-             MKL_NUM_THREADS=str(args.threads), JAX_PLATFORMS='cpu',
-             PYTHONPATH=os.pathsep.join(
-                 [REPO] + [p for p in [os.environ.get('PYTHONPATH')] if p]))
-  cmd = [sys.executable, os.path.abspath(__file__), f'--worker={side}',
-         f'--size={size}', f'--batch={batch}', f'--steps={args.steps}',
-         f'--threads={args.threads}', f'--conv_impl={args.conv_impl}']
-  proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
-                        check=False)
-  lines = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
-  if proc.returncode or not lines:
-    raise RuntimeError(f'{side} worker failed ({size}px):\n{proc.stderr[-3000:]}')
-  return json.loads(lines[-1][len('RESULT '):])
+class _Worker:
+  """A live worker process: set up and warmed up on start, then one timed
+  iteration per `step()`."""
+
+  def __init__(self, side, size, batch, args):
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads),
+               MKL_NUM_THREADS=str(args.threads), JAX_PLATFORMS='cpu',
+               PYTHONPATH=os.pathsep.join(
+                   [REPO] + [p for p in [os.environ.get('PYTHONPATH')] if p]))
+    cmd = [sys.executable, os.path.abspath(__file__), f'--worker={side}',
+           f'--size={size}', f'--batch={batch}', f'--threads={args.threads}',
+           f'--conv_impl={args.conv_impl}']
+    self.name = f'{side} ({size}px)'
+    self._proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True)
+    self.result = self._read()
+    self.result['times'] = []
+
+  def _read(self):
+    for line in self._proc.stdout:
+      if line.startswith('RESULT '):
+        return json.loads(line[len('RESULT '):])
+    raise RuntimeError(f'{self.name} worker failed:\n'
+                       f'{self._proc.stderr.read()[-3000:]}')
+
+  def step(self):
+    self._proc.stdin.write('go\n')
+    self._proc.stdin.flush()
+    self.result['times'].append(self._read()['time_s'])
+
+  def finish(self):
+    self._proc.stdin.close()
+    self.result.update(self._read())
+    self._proc.wait()
+    return self.result
 
 
 def _row(name, r, batch):
@@ -169,24 +198,30 @@ def main():
         f'{args.conv_impl}; {args.steps} timed iterations after 1 warm-up')
   for size in (int(s) for s in args.sizes.split(',')):
     batch = args.batch or DEFAULT_BATCH[size]
-    load_jax = os.getloadavg()[0]
-    jax_r = _spawn('jax', size, batch, args)
-    load_torch = os.getloadavg()[0]
-    torch_r = _spawn('torch', size, batch, args)
+    load = os.getloadavg()[0]
+    jax_w = _Worker('jax', size, batch, args)
+    torch_w = _Worker('torch', size, batch, args)
+    for _ in range(args.steps):   # alternate: the same load for both sides
+      jax_w.step()
+      torch_w.step()
+    jax_r, torch_r = jax_w.finish(), torch_w.finish()
     print(f'\n{size}px, batch {batch} (jax {jax_r["version"]}, '
           f'torch {torch_r["version"]}, {torch_r["threads"]} torch threads; '
-          f'1-min load average before each side: {load_jax:.2f}, '
-          f'{load_torch:.2f})')
+          f'1-min load average at start {load:.2f}, at end '
+          f'{os.getloadavg()[0]:.2f})')
     print(f"  {'side':<8} {'compile s':>10} {'first it s':>10} {'median s/it':>11} "
           f"{'img/s':>8} {'peak MiB':>10}")
     line, t_jax = _row('jax', jax_r, batch)
     print(line)
     line, t_torch = _row('pytorch', torch_r, batch)
     print(line)
-    print(f'  ratio jax/pytorch: time per iteration {t_jax / t_torch:.2f}x, '
-          f'peak RSS {jax_r["peak_rss_mib"] / torch_r["peak_rss_mib"]:.2f}x '
-          f'(jax per-iteration times {[round(t, 2) for t in jax_r["times"]]}, '
-          f'pytorch {[round(t, 2) for t in torch_r["times"]]})', flush=True)
+    print(f'  ratio pytorch/jax time per iteration (= jax/pytorch images/s): '
+          f'{t_torch / t_jax:.2f}x; peak RSS jax/pytorch '
+          f'{jax_r["peak_rss_mib"] / torch_r["peak_rss_mib"]:.2f}x')
+    print(f'  jax: XLA counts {jax_r["flops"] / 1e9:.0f} GFLOP/step, '
+          f'{jax_r["flops"] / t_jax / 1e9:.1f} GFLOP/s achieved; per-iteration '
+          f'times jax {[round(t, 2) for t in jax_r["times"]]}, pytorch '
+          f'{[round(t, 2) for t in torch_r["times"]]}', flush=True)
 
 
 if __name__ == '__main__':

@@ -51,9 +51,15 @@ def abstract_state(config) -> step_lib.TrainState:
 
 def save(manager: ocp.CheckpointManager, state: step_lib.TrainState,
          *, force: bool = False) -> bool:
-  """Saves an (unreplicated) state at its own step; async unless forced."""
-  step = int(jax.device_get(state.step))
-  return manager.save(step, args=ocp.args.StandardSave(state), force=force)
+  """Saves an (unreplicated) state at its own step; async unless forced.
+
+  Every process calls it with the same state. It goes to Orbax as host NumPy
+  arrays, which process 0 writes: Orbax refuses device arrays local to one
+  process of several (such as pmap's).
+  """
+  state = jax.device_get(state)
+  return manager.save(int(state.step), args=ocp.args.StandardSave(state),
+                      force=force)
 
 
 def _key_name(entry) -> str:
@@ -104,6 +110,10 @@ def restore(manager: ocp.CheckpointManager, config,
     return None
   target = abstract_state(config)
   check_compatible(manager, step, target)
+  # Every process reads a whole copy onto its first local device.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree_util.tree_map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), target)
   return manager.restore(step, args=ocp.args.StandardRestore(target))
 
 

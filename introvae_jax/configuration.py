@@ -7,11 +7,12 @@ Field names follow the reference code (`m_plus`, `weight_rec`, ...).
 
 import json
 
+from etils import epath
 import ml_collections
 
 MODES = ('reference', 'fused')
 ARCHS = ('conv', 'mlp')
-DTYPES = ('float32', 'bfloat16', 'float16', 'float64')
+DTYPES = ('float32', 'bfloat16', 'float64')  # bfloat16: mixed precision.
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -26,8 +27,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.image_channels = 3
   c.hdim = 512
   c.reference_layout = True     # extra 1x1 conv on 512->512 blocks (checkpoints).
-  c.dtype = 'float32'           # computation dtype; params stay float32.
-  c.conv_impl = 'xla'           # 'xla', 'im2col' (CPU lever) or 'auto'.
+  c.dtype = 'float32'           # computation dtype ('bfloat16': params, optimiser
+                                # state, BN statistics and losses stay float32).
+  c.conv_impl = 'xla'           # 'xla' (every backend) or 'im2col' (a CPU lever).
+  c.remat = False               # recompute block activations in the backward.
   c.data_dim = 2                # mlp only
   c.mlp_hidden = (256, 256, 256)
 
@@ -49,6 +52,13 @@ def base_config() -> ml_collections.ConfigDict:
   # Batch and devices.
   c.batch_size = 16             # global batch, over all devices and hosts.
   c.sync_batch_stats = False    # reference multi-GPU runs do not sync BN.
+  # Multi-process runs (TPU pods, multi-node GPU): jax.distributed.initialize(),
+  # also done when JAX_COORDINATOR_ADDRESS is set. '' / -1: detected (TPU,
+  # SLURM, Open MPI) or taken from JAX's environment variables.
+  c.distributed = False
+  c.coordinator_address = ''    # 'host:port' of process 0.
+  c.num_processes = -1
+  c.process_id = -1
 
   # Data.
   c.dataset = 'mnist_offline'   # TFDS name, 'folder', or a built-in offline set.
@@ -74,14 +84,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_num_images = 1000
   c.fid_weights = ''            # pt_inception-2015-12-05-6726825d.pth (FID/KID).
   c.digit_classifier = ''       # digit CNN weights (mnist_offline); '' = cache.
-  c.distributed = False         # jax.distributed.initialize() for multi-host.
   return c.lock()
 
 
 def load_json(path: str) -> ml_collections.ConfigDict:
   """A run's saved `config.json` (written by the training loop), locked."""
-  with open(path) as f:
-    saved = json.load(f)
+  saved = json.loads(epath.Path(path).read_text())
   config = base_config()
   unknown = sorted(set(saved) - set(config))
   if unknown:
@@ -101,8 +109,8 @@ def validate(config) -> None:
     fail(f'arch={config.arch!r}; use one of {ARCHS}.')
   if config.mode not in MODES:
     fail(f'mode={config.mode!r}; use one of {MODES}.')
-  if config.conv_impl not in ('auto', 'xla', 'im2col'):
-    fail(f"conv_impl={config.conv_impl!r}; use 'auto', 'xla' or 'im2col'.")
+  if config.conv_impl not in ('xla', 'im2col'):
+    fail(f"conv_impl={config.conv_impl!r}; use 'xla' or 'im2col'.")
   if config.dtype not in DTYPES:
     fail(f'dtype={config.dtype!r}; use one of {DTYPES}.')
   if config.arch == 'conv':
@@ -118,6 +126,7 @@ def validate(config) -> None:
       fail(f'image_channels={config.image_channels}; use 1 or 3.')
   if config.batch_size < 1:
     fail(f'batch_size={config.batch_size} must be positive.')
+  _validate_distributed(config, fail)
   for name in ('lr_e', 'lr_g', 'weight_rec', 'weight_kl', 'weight_neg', 'm_plus'):
     if config[name] < 0:
       fail(f'{name}={config[name]} must be >= 0.')
@@ -127,6 +136,21 @@ def validate(config) -> None:
     fail(f"on_nonfinite={config.on_nonfinite!r}; use 'stop' or 'skip'.")
   if config.on_corrupt_image not in ('skip', 'error'):
     fail(f"on_corrupt_image={config.on_corrupt_image!r}; use 'skip' or 'error'.")
+
+
+def _validate_distributed(config, fail) -> None:
+  num, pid = config.num_processes, config.process_id
+  given = [name for name, unset in (('coordinator_address', ''),
+                                    ('num_processes', -1), ('process_id', -1))
+           if config[name] != unset]
+  if given and not config.distributed:
+    fail(f'{", ".join(given)} set but distributed=False; set '
+         '--config.distributed=True for a multi-process run.')
+  if num == 0 or num < -1:
+    fail(f'num_processes={num} must be >= 1, or -1 to detect it.')
+  if pid < -1 or 0 < num <= pid:
+    fail(f'process_id={pid} must be in [0, num_processes={num}), or -1 to '
+         'detect it.')
 
 
 def check_batch_divides(global_batch: int, num_devices: int) -> int:

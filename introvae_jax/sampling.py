@@ -8,8 +8,9 @@ samples (digit FD 210 vs 244, SWD 54 vs 59), so they are the default.
 """
 
 import functools
-import os
+import io
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -93,9 +94,14 @@ def image_grid(images, ncol: int = 8) -> np.ndarray:
 
 
 def save_png(path: str, grid: np.ndarray) -> None:
-  """Writes a uint8 [H, W, 1 or 3] array as PNG, creating parent folders."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+  """Writes a uint8 [H, W, 1 or 3] array as PNG (local or gs://), creating
+  parent folders."""
+  buffer = io.BytesIO()
+  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(
+      buffer, format='PNG')
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_bytes(buffer.getvalue())
 
 
 def slerp(z0, z1, t):

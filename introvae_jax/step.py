@@ -313,8 +313,14 @@ def replicate(state: TrainState) -> TrainState:
 
 
 def unreplicate(state: TrainState) -> TrainState:
-  """The first device's copy of a replicated state."""
-  return jax.tree_util.tree_map(lambda a: a[0], state)
+  """The first local device's copy of a replicated state.
+
+  Reads that device's shard directly: indexing the pmapped array (`a[0]`)
+  runs a gather over all local devices, which can hang in multi-process runs
+  on XLA:CPU.
+  """
+  first = lambda a: a.addressable_data(0)[0] if isinstance(a, jax.Array) else a[0]
+  return jax.tree_util.tree_map(first, state)
 
 
 def shard_batch(batch, num_devices: Optional[int] = None):

@@ -4,6 +4,10 @@
 `<workdir>/config.json`, TensorBoard events and log lines for every metric,
 image grids (TensorBoard and `<workdir>/images/*.png`) and Orbax checkpoints
 under `<workdir>/checkpoints/`. SIGTERM (preemption) saves and returns.
+
+Multi-process runs (`config.distributed`) run it in every process, each
+feeding its share of the global batch; only process 0 writes `config.json`,
+events and images, and every process takes part in each checkpoint.
 """
 
 import os
@@ -14,6 +18,7 @@ from typing import Dict, List, Tuple
 from absl import logging
 from clu import metric_writers
 from clu import periodic_actions
+from etils import epath
 import jax
 import numpy as np
 import tqdm
@@ -30,17 +35,40 @@ class NonFiniteLossError(FloatingPointError):
   """A loss became NaN or infinite (config.on_nonfinite='stop')."""
 
 
+def initialize_distributed(config) -> None:
+  """Joins the job's other processes; call it before any other JAX use.
+
+  Runs when `config.distributed` is set or JAX_COORDINATOR_ADDRESS is; fields
+  left '' / -1 go to JAX, which detects them on TPU pods, SLURM and Open MPI.
+  A no-op otherwise, and when already initialised.
+  """
+  if not (config.distributed or os.environ.get('JAX_COORDINATOR_ADDRESS')):
+    return
+  if not jax.distributed.is_initialized():
+    given = lambda value: None if value in ('', -1) else value
+    jax.distributed.initialize(
+        coordinator_address=given(config.coordinator_address),
+        num_processes=given(config.num_processes),
+        process_id=given(config.process_id))
+  logging.info('Process %d of %d, with %d of the %d devices.',
+               jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count())
+
+
 def _prepare_workdir(workdir: str) -> None:
+  """Creates the workdir (local, or gs:// through etils.epath) and checks it
+  is writable."""
   try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, '.write_test')
-    with open(probe, 'w') as f:
-      f.write('ok')
-    os.remove(probe)
+    path = epath.Path(workdir)
+    path.mkdir(parents=True, exist_ok=True)
+    # One probe per process: hosts may share the workdir.
+    probe = path / f'.write_test_{jax.process_index()}'
+    probe.write_text('ok')
+    probe.unlink()
   except OSError as e:
     raise PermissionError(
-        f'Cannot write to --workdir={workdir} ({e.strerror}); pass a directory '
-        'you can write to.') from e
+        f'Cannot write to --workdir={workdir} ({e.strerror or e}); pass a '
+        'directory you can write to.') from e
 
 
 def _check_finite(history: List[Tuple[int, Dict]], last_good) -> None:
@@ -63,6 +91,10 @@ class _Preemption:
     self._previous = None
 
   def __enter__(self):
+    if jax.process_count() > 1:
+      # All processes must stop at the same step: JAX's preemption service
+      # catches SIGTERM there, and `manager.reached_preemption` agrees a step.
+      return self
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # Not the main thread: no handler can be installed.
@@ -88,10 +120,9 @@ def _write_images(writer, workdir, step, state, reals, z_fixed, config):
       'samples': sampling.image_grid(sampling.decode(state, z_fixed, config)),
   }
   writer.write_images(step, {k: v[None] for k, v in grids.items()})
-  if jax.process_index() == 0:
-    for name, grid in grids.items():
-      sampling.save_png(
-          os.path.join(workdir, 'images', f'{name}_{step:08d}.png'), grid)
+  for name, grid in grids.items():
+    sampling.save_png(
+        os.path.join(workdir, 'images', f'{name}_{step:08d}.png'), grid)
 
 
 def _make_evaluator(config, writer):
@@ -114,16 +145,15 @@ def _make_evaluator(config, writer):
 def train_and_evaluate(config, workdir: str) -> step_lib.TrainState:
   """Trains until `config.num_train_steps`, resuming from the latest checkpoint."""
   validate(config)
-  if config.distributed:
-    jax.distributed.initialize()
+  initialize_distributed(config)
   check_batch_divides(config.batch_size, jax.device_count())
   _prepare_workdir(workdir)
   is_host0 = jax.process_index() == 0
   writer = metric_writers.create_default_writer(workdir,
                                                 just_logging=not is_host0)
   if is_host0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+    (epath.Path(workdir) / 'config.json').write_text(
+        config.to_json_best_effort(indent=2))
 
   manager = checkpointing.make_manager(workdir, max_to_keep=config.max_to_keep)
   state = checkpointing.restore(manager, config)
@@ -137,7 +167,9 @@ def train_and_evaluate(config, workdir: str) -> step_lib.TrainState:
   reals = input_pipeline.eval_images(config, config.num_image_samples)
   z_fixed = jax.random.normal(jax.random.PRNGKey(config.seed + 1),
                               (config.num_image_samples, config.hdim))
-  evaluate = _make_evaluator(config, writer) if config.eval_every_steps else None
+  # Images and evaluation are local work for host 0's writer only.
+  evaluate = (_make_evaluator(config, writer)
+              if config.eval_every_steps and is_host0 else None)
   data = input_pipeline.create_input_iter(config, start_step=start)
   p_step = step_lib.make_train_step(config, pmap=True)
   p_state = step_lib.replicate(state)
@@ -158,7 +190,7 @@ def train_and_evaluate(config, workdir: str) -> step_lib.TrainState:
       _check_finite(host, last_good)
     if host:
       mean = {k: np.mean([m[k] for _, m in host]) for k in host[-1][1]}
-      mean['skipped_steps'] = int(jax.device_get(p_state.skipped_steps[0]))
+      mean['skipped_steps'] = int(jax.device_get(p_state.skipped_steps)[0])
       mean['corrupt_images_skipped'] = len(data.corrupt_files)
       writer.write_scalars(step, mean)
       bar.set_postfix(loss_e=f"{mean['loss_e']:.4g}",
@@ -176,7 +208,7 @@ def train_and_evaluate(config, workdir: str) -> step_lib.TrainState:
         stop = preemption.requested or manager.reached_preemption(step)
         if step % config.log_every_steps == 0 or last or stop:
           flush(step)
-        if step % config.image_every_steps == 0 or last:
+        if is_host0 and (step % config.image_every_steps == 0 or last):
           _write_images(writer, workdir, step, step_lib.unreplicate(p_state),
                         reals, z_fixed, config)
         if evaluate and (step % config.eval_every_steps == 0 or last):
