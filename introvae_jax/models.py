@@ -143,12 +143,6 @@ class Conv(nn.Module):
     return y
 
 
-def _block(remat: bool):
-  """ResidualBlock, or one that recomputes its activations in the backward
-  pass (`nn.remat`: less memory, one more forward; same parameters)."""
-  return nn.remat(ResidualBlock, static_argnums=(2,)) if remat else ResidualBlock
-
-
 class ResidualBlock(nn.Module):
   """Reference `_Residual_Block`: BN and activation come after the skip add."""
   features: int
@@ -168,6 +162,12 @@ class ResidualBlock(nn.Module):
     h = nn.leaky_relu(bn('bn1')(h, not train), 0.2)
     h = conv(self.features, 3, 'conv2')(h)
     return nn.leaky_relu(bn('bn2')(h + skip, not train), 0.2)
+
+
+def _block(remat: bool):
+  """ResidualBlock, or one that recomputes its activations in the backward
+  pass (`nn.remat`: less memory, one more forward; same parameters)."""
+  return nn.remat(ResidualBlock, static_argnums=(2,)) if remat else ResidualBlock
 
 
 class Encoder(nn.Module):
