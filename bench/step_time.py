@@ -111,7 +111,7 @@ def main(argv):
   est = None
   if config.arch == 'conv' and not _PMAP.value:
     est = xla_cost.model_flops(config, config.batch_size)
-    print(f'model FLOPs   {est["step"] / 1e9:.1f} GFLOP/step (6 decoder + 13 '
+    print(f'model FLOPs   {est["step"] / 1e9:.1f} GFLOP/step (7 decoder + 13 '
           f'encoder forwards of {est["decoder_forward"] / 1e9:.2f} / '
           f'{est["encoder_forward"] / 1e9:.2f} GFLOP)')
   if times:
