@@ -15,7 +15,6 @@ def memory_mib(compiled) -> dict:
   mib = lambda b: b / 2 ** 20
   return dict(arguments=mib(m.argument_size_in_bytes),
               outputs=mib(m.output_size_in_bytes),
-              aliased=mib(m.alias_size_in_bytes),
               temporaries=mib(m.temp_size_in_bytes))
 
 
@@ -34,10 +33,10 @@ def model_flops(config, batch: int) -> dict:
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from introvae_jax import create_train_state, models  # pylint: disable=g-import-not-at-top
+  from introvae_jax import checkpointing, models  # pylint: disable=g-import-not-at-top
 
   encoder, decoder = models.build_models(config)
-  state = jax.eval_shape(lambda: create_train_state(config, jax.random.PRNGKey(0)))
+  state = checkpointing.abstract_state(config)
   x = jax.ShapeDtypeStruct((batch,) + models.input_shape(config), jnp.float32)
   z = jax.ShapeDtypeStruct((batch, config.hdim), jnp.float32)
   def forward(module, params, stats, inputs):

@@ -15,6 +15,7 @@ from absl import logging
 import jax
 import orbax.checkpoint as ocp
 
+from introvae_jax import configuration
 from introvae_jax import step as step_lib
 
 
@@ -117,12 +118,19 @@ def restore(manager: ocp.CheckpointManager, config,
   return manager.restore(step, args=ocp.args.StandardRestore(target))
 
 
-def latest_state(workdir: str, config) -> step_lib.TrainState:
-  """Loads the newest checkpoint of a workdir (for sampling and tools)."""
+def latest_state(workdir: str, config, step: Optional[int] = None
+                 ) -> step_lib.TrainState:
+  """Loads the newest (or given) checkpoint of a workdir (sampling, tools)."""
   manager = make_manager(workdir, max_to_keep=None, read_only=True)
-  state = restore(manager, config)
+  state = restore(manager, config, step)
   if state is None:
     raise FileNotFoundError(
         f'No checkpoint in {checkpoint_dir(workdir)}; train first with '
         f'`python main.py --config=... --workdir={workdir}`.')
   return state
+
+
+def load_run(workdir: str, step: Optional[int] = None):
+  """(config, state) of a training run: its config.json and a checkpoint."""
+  config = configuration.load_json(os.path.join(workdir, 'config.json'))
+  return config, latest_state(workdir, config, step)

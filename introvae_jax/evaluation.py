@@ -468,18 +468,11 @@ def evaluate_workdir(workdir: str, *, num_images: int = 1000, step=None,
   import jax
 
   from introvae_jax import checkpointing
-  from introvae_jax import configuration
   from introvae_jax import input_pipeline
 
   if batch_norm not in ('batch', 'running'):
     raise ValueError(f"batch_norm={batch_norm!r}; use 'batch' or 'running'.")
-  config = configuration.load_json(os.path.join(workdir, 'config.json'))
-  manager = checkpointing.make_manager(workdir, max_to_keep=None,
-                                       read_only=True)
-  state = checkpointing.restore(manager, config, step)
-  if state is None:
-    raise FileNotFoundError(
-        f'No checkpoint in {checkpointing.checkpoint_dir(workdir)}.')
+  config, state = checkpointing.load_run(workdir, step)
   real = input_pipeline.eval_images(config, num_images)
   extractors, real_features = feature_extractors_for(
       config, real, inception_path=inception_path,

@@ -14,7 +14,6 @@ import jax
 import numpy as np
 
 from introvae_jax import checkpointing
-from introvae_jax import configuration
 from introvae_jax import input_pipeline
 from introvae_jax import sampling
 
@@ -38,11 +37,7 @@ def generate(workdir, out, *, num=64, temperature=1.0, images=None,
              seed=0):
   """Writes samples.png, samples/NNNN.png, reconstructions.png and
   interpolation_{linear,slerp}.png under `out`; returns their paths."""
-  config = configuration.load_json(os.path.join(workdir, 'config.json'))
-  manager = checkpointing.make_manager(workdir, max_to_keep=None, read_only=True)
-  state = checkpointing.restore(manager, config, step)
-  if state is None:
-    raise FileNotFoundError(f'No checkpoint in {checkpointing.checkpoint_dir(workdir)}.')
+  config, state = checkpointing.load_run(workdir, step)
   bn = dict(use_running_average=use_running_average)
   written = []
 

@@ -111,6 +111,11 @@ def adam_moments(opt_state):
   return adam_state.count, adam_state.mu, adam_state.nu
 
 
+def step_gradients(new_state):
+  """The gradients a step used, from its Adam state (needs adam_b1 = 0)."""
+  return adam_moments(new_state.opt_state_e)[1], adam_moments(new_state.opt_state_g)[1]
+
+
 # --------------------------------------------------------------------------
 # Tests that run in a child process with their own JAX setup.
 

@@ -10,7 +10,6 @@ installed, `test_matches_pytorch_fid` compares with the real thing.
 
 import os
 
-import jax
 import numpy as np
 import pytest
 

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 import introvae_jax
-from conftest import adam_moments, assert_trees_close, tiny_batch, tiny_config
+from introvae_jax import checkpointing
+from conftest import assert_trees_close, step_gradients, tiny_batch, tiny_config
 
 STEPS = 3
 
@@ -51,11 +52,6 @@ def bfloat16_run():
   return _run(_config(dtype='bfloat16'))
 
 
-def _gradients(state):
-  """The step's gradients, from Adam's first moment (adam_b1 = 0)."""
-  return adam_moments(state.opt_state_e)[1], adam_moments(state.opt_state_g)[1]
-
-
 def _flat(tree):
   return np.concatenate([np.ravel(a) for a in jax.tree_util.tree_leaves(tree)])
 
@@ -83,8 +79,8 @@ def test_bfloat16_keeps_parameters_optimiser_state_and_losses_in_float32(
 
 
 def test_bfloat16_gradients_within_15_percent_of_float32(float32_run, bfloat16_run):
-  for net, g32, g16 in zip('EG', _gradients(float32_run[0][0]),
-                           _gradients(bfloat16_run[0][0])):
+  for net, g32, g16 in zip('EG', step_gradients(float32_run[0][0]),
+                           step_gradients(bfloat16_run[0][0])):
     a, b = _flat(g32), _flat(g16)
     rel = np.linalg.norm(b - a) / np.linalg.norm(a)
     assert rel <= 0.15, f'{net}: relative L2 gradient error {rel:.3g}'
@@ -111,7 +107,7 @@ def test_bfloat16_parameters_within_adams_movement_of_float32(
 
 def test_remat_gives_the_same_step():
   plain, remat = _run(_config(), steps=1), _run(_config(remat=True), steps=1)
-  assert_trees_close(_gradients(remat[0][0]), _gradients(plain[0][0]),
+  assert_trees_close(step_gradients(remat[0][0]), step_gradients(plain[0][0]),
                      rtol=1e-5, atol_scale=1e-6, what='gradients')
   assert_trees_close(remat[0][0].batch_stats_e, plain[0][0].batch_stats_e,
                      rtol=1e-5, atol_scale=1e-6, what='stats E')
@@ -121,8 +117,7 @@ def test_remat_gives_the_same_step():
 
 def test_remat_keeps_the_parameter_layout():
   shapes = lambda c: jax.tree_util.tree_map(
-      lambda a: a.shape, jax.eval_shape(
-          lambda: introvae_jax.create_train_state(c, jax.random.PRNGKey(0))))
+      lambda a: a.shape, checkpointing.abstract_state(c))
   assert shapes(_config(remat=True)) == shapes(_config())
 
 
@@ -131,8 +126,7 @@ def test_remat_marks_the_blocks_for_recomputation():
   barriers in the lowered step); XLA on GPU/TPU then recomputes instead of
   storing the block's activations."""
   def barriers(config):
-    state = jax.eval_shape(
-        lambda: introvae_jax.create_train_state(config, jax.random.PRNGKey(0)))
+    state = checkpointing.abstract_state(config)
     return jax.jit(lambda s, x: introvae_jax.train_step(s, x, config)).lower(
         state, tiny_batch(config)).as_text().count('optimization_barrier')
   assert barriers(_config()) == 0

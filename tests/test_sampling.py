@@ -3,9 +3,7 @@
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import pytest
 from PIL import Image
 
 from introvae_jax import base_config, create_train_state, sampling

@@ -21,8 +21,8 @@ import pytest
 import introvae_jax
 from introvae_jax import step as step_lib
 from conftest import (adam_moments, assert_trees_close, in_subprocess,
-                      initial_state, jitted_step, tiny_batch, tiny_config,
-                      to_numpy)
+                      initial_state, jitted_step, step_gradients, tiny_batch,
+                      tiny_config, to_numpy)
 
 tree_map = jax.tree_util.tree_map
 sg = jax.lax.stop_gradient
@@ -171,11 +171,6 @@ def naive_step(config, st, x, eps, z_p, *, g_step_encoder='updated',
       grad_norm_e=global_norm(g_e), grad_norm_g=global_norm(g_g),
       mu_mean=mu.mean(), logvar_mean=lv.mean(), vae_phase=0.0)
   return new, metrics, (g_e, g_g)
-
-
-def step_gradients(new_state):
-  """The gradients a step used, from its Adam state (needs adam_b1 = 0)."""
-  return adam_moments(new_state.opt_state_e)[1], adam_moments(new_state.opt_state_g)[1]
 
 
 def noise_for(state, config, batch_size=None):
