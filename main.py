@@ -1,13 +1,21 @@
 """Trains IntroVAE: `python main.py --config=configs/default.py --workdir=/tmp/run`.
 
-Any config field can be overridden, e.g. `--config.batch_size=32`.
+Any config field can be overridden, e.g. `--config.batch_size=32`. A user
+error (a bad field, an incompatible workdir, missing data) is one line on
+stderr and exit status 2. SIGTERM or Ctrl-C saves the current step and exits
+(status 0 after SIGTERM, 130 after Ctrl-C); rerunning the command resumes.
 """
 
-from absl import app
+import signal
+import sys
+
 from absl import flags
+from absl import logging
+import jax
 from ml_collections import config_flags
 
 from introvae_jax import checkpointing
+from introvae_jax import cli
 from introvae_jax import train
 
 FLAGS = flags.FLAGS
@@ -19,11 +27,20 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  del argv  # cli.run refuses extra arguments.
   checkpointing.quiet_orbax_logs()
-  train.train_and_evaluate(FLAGS.config, _WORKDIR.value)
+  if FLAGS.config.dtype == 'float64' and not jax.config.jax_enable_x64:
+    jax.config.update('jax_enable_x64', True)  # before any array is made
+    logging.info("dtype='float64': 64-bit JAX enabled.")
+  try:
+    train.train_and_evaluate(FLAGS.config, _WORKDIR.value)
+  except KeyboardInterrupt:  # Ctrl-C before the first step: nothing to save.
+    print('Interrupted before training started; nothing was saved.',
+          file=sys.stderr)
+    sys.exit(128 + signal.SIGINT)
+  if train.last_stop_signal() == signal.SIGINT:
+    sys.exit(128 + signal.SIGINT)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

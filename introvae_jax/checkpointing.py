@@ -4,19 +4,30 @@ One `CheckpointManager` per workdir (`<workdir>/checkpoints/<step>/`), saving
 asynchronously and keeping `max_to_keep`. Restores go through an abstract
 target (shapes and dtypes from `jax.eval_shape`), so optax states come back as
 their own types, and a checkpoint of another model is refused with a message
-before anything is written.
+before anything is written. A damaged checkpoint (unreadable metadata or
+data) is skipped: resuming walks back to the newest one that restores and
+moves the damaged ones to `<workdir>/checkpoints_damaged/`, never deleting
+them. Paths go through `etils.epath`, so `gs://` workdirs work.
 """
 
+import contextlib
+import datetime
+import errno
 import logging as std_logging
-import os
 from typing import Optional
 
 from absl import logging
+from etils import epath
 import jax
 import orbax.checkpoint as ocp
 
 from introvae_jax import configuration
 from introvae_jax import step as step_lib
+from introvae_jax import workdir as workdir_lib
+from introvae_jax.errors import UserError, WorkdirError
+
+CONFIG_NAME = 'config.json'
+DAMAGED_DIR = 'checkpoints_damaged'
 
 
 def quiet_orbax_logs() -> None:
@@ -26,12 +37,16 @@ def quiet_orbax_logs() -> None:
   logging.get_absl_logger().addFilter(keep)
 
 
-class IncompatibleCheckpointError(ValueError):
+class IncompatibleCheckpointError(UserError, ValueError):
   """The checkpoint holds a different model than the config describes."""
 
 
-def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+class DamagedCheckpointError(WorkdirError):
+  """A checkpoint (or every checkpoint of a workdir) cannot be read."""
+
+
+def checkpoint_dir(workdir: str) -> epath.Path:
+  return workdir_lib.path(workdir, 'checkpoints')
 
 
 def make_manager(workdir: str, *, max_to_keep: Optional[int] = 3,
@@ -50,6 +65,33 @@ def abstract_state(config) -> step_lib.TrainState:
                         jax.random.PRNGKey(0))
 
 
+def _no_space(error: BaseException) -> bool:
+  while error is not None:
+    if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or (
+        'No space left on device' in str(error)):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+@contextlib.contextmanager
+def _disk_full_is_a_user_error(manager: ocp.CheckpointManager):
+  """A full disk while writing becomes one clear WorkdirError; Orbax writes
+  into a temporary folder and renames it when complete, so the earlier
+  checkpoints are untouched."""
+  try:
+    yield
+  except Exception as e:
+    if not _no_space(e):
+      raise
+    kept = sorted(manager.all_steps())
+    raise WorkdirError(
+        f'No space left on the device of {manager.directory} while writing a '
+        f'checkpoint; the complete checkpoints (steps {kept or "none"}) are '
+        'intact. Free space (or lower max_to_keep) and rerun the same command '
+        'to resume.') from e
+
+
 def save(manager: ocp.CheckpointManager, state: step_lib.TrainState,
          *, force: bool = False) -> bool:
   """Saves an (unreplicated) state at its own step; async unless forced.
@@ -59,8 +101,15 @@ def save(manager: ocp.CheckpointManager, state: step_lib.TrainState,
   process of several (such as pmap's).
   """
   state = jax.device_get(state)
-  return manager.save(int(state.step), args=ocp.args.StandardSave(state),
-                      force=force)
+  with _disk_full_is_a_user_error(manager):
+    return manager.save(int(state.step), args=ocp.args.StandardSave(state),
+                        force=force)
+
+
+def wait_until_finished(manager: ocp.CheckpointManager) -> None:
+  """Waits for an asynchronous save (a full disk is a WorkdirError)."""
+  with _disk_full_is_a_user_error(manager):
+    manager.wait_until_finished()
 
 
 def _key_name(entry) -> str:
@@ -78,9 +127,10 @@ def describe(tree):
           for path, leaf in flat}
 
 
-def check_compatible(manager: ocp.CheckpointManager, step: int, target) -> None:
+def check_compatible(manager: ocp.CheckpointManager, step: int, metadata,
+                     target) -> None:
   """Raises IncompatibleCheckpointError if the stored tree differs from target."""
-  stored = describe(manager.item_metadata(step))
+  stored = describe(metadata)
   wanted = describe(target)
   missing = sorted(set(wanted) - set(stored))
   extra = sorted(set(stored) - set(wanted))
@@ -103,19 +153,86 @@ def check_compatible(manager: ocp.CheckpointManager, step: int, target) -> None:
         'trained with.')
 
 
-def restore(manager: ocp.CheckpointManager, config,
-            step: Optional[int] = None) -> Optional[step_lib.TrainState]:
-  """The latest (or given) complete checkpoint as a TrainState, or None."""
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    return None
-  target = abstract_state(config)
-  check_compatible(manager, step, target)
+def _first_line(error: Exception, limit: int = 200) -> str:
+  text = str(error).strip().splitlines()[0] if str(error).strip() else ''
+  text = text or type(error).__name__
+  return text if len(text) <= limit else text[:limit] + '...'
+
+
+def _restore_step(manager, step: int, target) -> step_lib.TrainState:
+  """The state at `step`; IncompatibleCheckpointError for another model,
+  DamagedCheckpointError (naming what is wrong) for a broken checkpoint."""
+  try:
+    metadata = manager.item_metadata(step)
+  except Exception as e:  # Orbax/TensorStore raise many types here.
+    raise DamagedCheckpointError(
+        f'step {step}: its metadata cannot be read ({_first_line(e)})') from e
+  if metadata is None:
+    raise DamagedCheckpointError(
+        f'step {step}: its metadata (default/_METADATA) is missing')
+  check_compatible(manager, step, metadata, target)
   # Every process reads a whole copy onto its first local device.
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree_util.tree_map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), target)
-  return manager.restore(step, args=ocp.args.StandardRestore(target))
+  try:
+    return manager.restore(step, args=ocp.args.StandardRestore(target))
+  except Exception as e:
+    raise DamagedCheckpointError(
+        f'step {step}: reading it failed ({_first_line(e)})') from e
+
+
+def _move_aside(manager, step: int) -> epath.Path:
+  """Moves a damaged step out of the manager's folder (never deletes it)."""
+  source = epath.Path(manager.directory) / str(step)
+  aside = epath.Path(manager.directory).parent / DAMAGED_DIR
+  aside.mkdir(parents=True, exist_ok=True)
+  stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
+  dest = aside / f'{step}.{stamp}'
+  source.rename(dest)
+  manager.reload()
+  return dest
+
+
+def restore(manager: ocp.CheckpointManager, config,
+            step: Optional[int] = None, *, move_damaged: bool = False
+            ) -> Optional[step_lib.TrainState]:
+  """The given step, or the newest checkpoint that restores, or None if none.
+
+  Without `step`, damaged checkpoints (unreadable metadata or array data) are
+  skipped from the newest down, each with a warning; `move_damaged` (the
+  training program, once an intact one is found) moves them to
+  `<workdir>/checkpoints_damaged/` so the run continues from the intact one.
+  When checkpoints exist but none restores, DamagedCheckpointError names each
+  and touches nothing. Another model's checkpoint is refused
+  (IncompatibleCheckpointError) at once.
+  """
+  target = abstract_state(config)
+  if step is not None:
+    if step not in manager.all_steps():
+      raise WorkdirError(
+          f'No checkpoint of step {step} in {manager.directory}; it has steps '
+          f'{sorted(manager.all_steps()) or "none"}.')
+    return _restore_step(manager, step, target)
+  damaged = []
+  for candidate in sorted(manager.all_steps(), reverse=True):
+    try:
+      state = _restore_step(manager, candidate, target)
+    except DamagedCheckpointError as e:
+      logging.warning('Skipping the checkpoint of %s.', e)
+      damaged.append((candidate, str(e)))
+      continue
+    for bad, _ in damaged if move_damaged else ():
+      logging.warning('Moved the damaged checkpoint of step %d to %s.', bad,
+                      _move_aside(manager, bad))
+    return state
+  if damaged:
+    raise DamagedCheckpointError(
+        f'No checkpoint in {manager.directory} can be restored: '
+        f'{"; ".join(reason for _, reason in damaged)}. Nothing was changed. '
+        'Copy intact checkpoints back from a backup, or move these folders '
+        'aside (or use a new --workdir) to start the run afresh.')
+  return None
 
 
 def latest_state(workdir: str, config, step: Optional[int] = None
@@ -124,7 +241,7 @@ def latest_state(workdir: str, config, step: Optional[int] = None
   manager = make_manager(workdir, max_to_keep=None, read_only=True)
   state = restore(manager, config, step)
   if state is None:
-    raise FileNotFoundError(
+    raise WorkdirError(
         f'No checkpoint in {checkpoint_dir(workdir)}; train first with '
         f'`python main.py --config=... --workdir={workdir}`.')
   return state
@@ -132,5 +249,13 @@ def latest_state(workdir: str, config, step: Optional[int] = None
 
 def load_run(workdir: str, step: Optional[int] = None):
   """(config, state) of a training run: its config.json and a checkpoint."""
-  config = configuration.load_json(os.path.join(workdir, 'config.json'))
+  config_path = workdir_lib.path(workdir, CONFIG_NAME)
+  if not config_path.exists():
+    what = ('does not exist' if not workdir_lib.path(workdir).exists()
+            else f'has no {CONFIG_NAME}')
+    raise WorkdirError(
+        f'--workdir={workdir} {what}: pass the folder that '
+        '`python main.py --workdir=...` or `python -m introvae_jax.convert` '
+        'wrote.')
+  config = configuration.load_json(str(config_path))
   return config, latest_state(workdir, config, step)

@@ -8,7 +8,10 @@ Field names follow the reference code (`m_plus`, `weight_rec`, ...).
 import json
 
 from etils import epath
+import jax
 import ml_collections
+
+from introvae_jax.errors import ConfigError
 
 MODES = ('reference', 'fused')
 ARCHS = ('conv', 'mlp')
@@ -84,16 +87,78 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_num_images = 1000
   c.fid_weights = ''            # pt_inception-2015-12-05-6726825d.pth (FID/KID).
   c.digit_classifier = ''       # digit CNN weights (mnist_offline); '' = cache.
+
+  # Resuming: identity fields (all but FREE_ON_RESUME) that may differ from the
+  # run's stored config.json, comma-separated, e.g. 'dataset,batch_size'.
+  c.allow_changes = ''
   return c.lock()
+
+
+# Fields a resumed run may change without `allow_changes`: how long to train,
+# what to log and how, and how to compute the same numbers. Every other field
+# is part of the run's identity (data, model, objective, optimiser, batch,
+# mode, dtype, seed) and is checked against the stored config.json.
+FREE_ON_RESUME = frozenset({
+    'num_train_steps', 'log_every_steps', 'image_every_steps',
+    'checkpoint_every_steps', 'max_to_keep', 'num_image_samples',
+    'on_nonfinite', 'on_corrupt_image', 'eval_every_steps', 'eval_num_images',
+    'fid_weights', 'digit_classifier', 'conv_impl', 'remat', 'distributed',
+    'coordinator_address', 'num_processes', 'process_id', 'allow_changes',
+})
+
+
+def allowed_changes(config) -> frozenset:
+  return frozenset(n.strip() for n in config.allow_changes.split(',')
+                   if n.strip())
+
+
+def identity_changes(stored, config):
+  """[(field, stored value, new value)] of identity fields that differ."""
+  return [(name, stored[name], config[name]) for name in sorted(config)
+          if name not in FREE_ON_RESUME and name in stored
+          and _normalised(stored[name]) != _normalised(config[name])]
+
+
+def _normalised(value):
+  return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+def check_resume(stored, config, where: str):
+  """The identity changes `config.allow_changes` permits; ConfigError for any
+  other, listing each changed field with its stored and new value."""
+  changes = identity_changes(stored, config)
+  refused = [c for c in changes if c[0] not in allowed_changes(config)]
+  if refused:
+    listed = '; '.join(f'{n}: {old!r} -> {new!r}' for n, old, new in refused)
+    names = ','.join(n for n, _, _ in refused)
+    raise ConfigError(
+        f'Refusing to resume {where} with a different run identity ({listed}). '
+        f'Nothing was written. Use a new --workdir, drop the override, or pass '
+        f'--config.allow_changes={names} to continue this run with the change '
+        '(the old config.json is kept as config.<step>.json).')
+  return changes
+
+
+def read_json(path: str) -> dict:
+  """The fields of a run's saved `config.json`, as stored."""
+  try:
+    saved = json.loads(epath.Path(path).read_text())
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ConfigError(f'{path} is not valid JSON ({e}); restore it from '
+                      'config.<step>.json beside it or rewrite it.') from e
+  if not isinstance(saved, dict):
+    raise ConfigError(f'{path} does not hold a config (a JSON object).')
+  return saved
 
 
 def load_json(path: str) -> ml_collections.ConfigDict:
   """A run's saved `config.json` (written by the training loop), locked."""
-  saved = json.loads(epath.Path(path).read_text())
+  saved = read_json(path)
   config = base_config()
   unknown = sorted(set(saved) - set(config))
   if unknown:
-    raise ValueError(f'{path} has fields this version does not know: {unknown}.')
+    raise ConfigError(f'{path} has fields this version does not know: '
+                      f'{unknown}; use the introvae-jax version that wrote it.')
   with config.unlocked():
     for name, value in saved.items():
       config[name] = tuple(value) if isinstance(value, list) else value
@@ -103,7 +168,7 @@ def load_json(path: str) -> ml_collections.ConfigDict:
 def validate(config) -> None:
   """Raises ValueError naming the field and the fix for an inconsistent config."""
   def fail(msg):
-    raise ValueError(f'Invalid config: {msg}')
+    raise ConfigError(f'Invalid config: {msg}')
 
   if config.arch not in ARCHS:
     fail(f'arch={config.arch!r}; use one of {ARCHS}.')
@@ -113,6 +178,11 @@ def validate(config) -> None:
     fail(f"conv_impl={config.conv_impl!r}; use 'xla' or 'im2col'.")
   if config.dtype not in DTYPES:
     fail(f'dtype={config.dtype!r}; use one of {DTYPES}.')
+  if config.dtype == 'float64' and not jax.config.jax_enable_x64:
+    fail("dtype='float64' needs 64-bit JAX, which is off: set "
+         'JAX_ENABLE_X64=1 in the environment (main.py does it for you), or '
+         "call jax.config.update('jax_enable_x64', True) before any array is "
+         'made.')
   if config.arch == 'conv':
     size, chans = config.image_size, tuple(config.channels)
     if size < 8 or size & (size - 1):
@@ -134,6 +204,10 @@ def validate(config) -> None:
     fail(f'num_vae_steps={config.num_vae_steps} must be >= 0.')
   if config.on_nonfinite not in ('stop', 'skip'):
     fail(f"on_nonfinite={config.on_nonfinite!r}; use 'stop' or 'skip'.")
+  unknown = sorted(allowed_changes(config) - set(config))
+  if unknown:
+    fail(f'allow_changes names unknown fields {unknown}; give config field '
+         "names separated by commas, e.g. 'dataset,batch_size'.")
   if config.on_corrupt_image not in ('skip', 'error'):
     fail(f"on_corrupt_image={config.on_corrupt_image!r}; use 'skip' or 'error'.")
 
@@ -157,7 +231,7 @@ def check_batch_divides(global_batch: int, num_devices: int) -> int:
   """Per-device batch size, or a clear error when it does not divide."""
   if global_batch % num_devices:
     lo = global_batch - global_batch % num_devices
-    raise ValueError(
+    raise ConfigError(
         f'batch_size={global_batch} does not divide over {num_devices} devices; '
         f'use a multiple of {num_devices} (e.g. --config.batch_size='
         f'{lo or num_devices} or {lo + num_devices}).')

@@ -10,28 +10,35 @@ feeding its share of the global batch; only process 0 writes `config.json`,
 events and images, and every process takes part in each checkpoint.
 """
 
+import contextlib
+import math
 import os
 import signal
 import sys
+import time
 from typing import Dict, List, Tuple
 
 from absl import logging
 from clu import metric_writers
 from clu import periodic_actions
-from etils import epath
 import jax
 import numpy as np
+from tensorboard.compat.proto import event_pb2
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
 import tqdm
 
 from introvae_jax import checkpointing
+from introvae_jax import configuration
 from introvae_jax import evaluation
 from introvae_jax import input_pipeline
 from introvae_jax import sampling
 from introvae_jax import step as step_lib
+from introvae_jax import workdir as workdir_lib
 from introvae_jax.configuration import check_batch_divides, validate
+from introvae_jax.errors import UserError
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
   """A loss became NaN or infinite (config.on_nonfinite='stop')."""
 
 
@@ -55,22 +62,6 @@ def initialize_distributed(config) -> None:
                jax.local_device_count(), jax.device_count())
 
 
-def _prepare_workdir(workdir: str) -> None:
-  """Creates the workdir (local, or gs:// through etils.epath) and checks it
-  is writable."""
-  try:
-    path = epath.Path(workdir)
-    path.mkdir(parents=True, exist_ok=True)
-    # One probe per process: hosts may share the workdir.
-    probe = path / f'.write_test_{jax.process_index()}'
-    probe.write_text('ok')
-    probe.unlink()
-  except OSError as e:
-    raise PermissionError(
-        f'Cannot write to --workdir={workdir} ({e.strerror or e}); pass a '
-        'directory you can write to.') from e
-
-
 def _check_finite(history: List[Tuple[int, Dict]], last_good) -> None:
   """Raises NonFiniteLossError naming the first bad step and its terms."""
   for step, metrics in history:
@@ -83,32 +74,94 @@ def _check_finite(history: List[Tuple[int, Dict]], last_good) -> None:
           '--config.on_nonfinite=skip to skip such updates.')
 
 
-class _Preemption:
-  """Turns SIGTERM into a flag the loop checks after each step."""
+class _StopSignals:
+  """SIGTERM (preemption) and SIGINT (Ctrl-C) become a flag the loop checks
+  after each step, so it saves the current step and returns; a second
+  signal aborts at once."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self.received = None  # the first signal's number
+    self._previous = {}
 
   def __enter__(self):
     if jax.process_count() > 1:
       # All processes must stop at the same step: JAX's preemption service
       # catches SIGTERM there, and `manager.reached_preemption` agrees a step.
       return self
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # Not the main thread: no handler can be installed.
-      self._previous = None
+    for signum in self.SIGNALS:
+      try:
+        self._previous[signum] = signal.signal(signum, self._handle)
+      except ValueError:  # Not the main thread: no handler can be installed.
+        pass
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning('SIGTERM received: saving a checkpoint and exiting.')
-    self.requested = True
+    del frame
+    name = signal.Signals(signum).name
+    if self.received is not None:
+      logging.warning('%s received again: aborting without saving.', name)
+      signal.signal(signum, signal.SIG_DFL)
+      os.kill(os.getpid(), signum)
+      return
+    logging.warning('%s received: saving a checkpoint at the current step and '
+                    'exiting (send it again to abort at once).', name)
+    self.received = signum
+
+  @property
+  def requested(self) -> bool:
+    return self.received is not None
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+
+
+def _resume_identity(config, workdir, has_checkpoints: bool):
+  """Checks the config against the run's stored config.json (before anything
+  is written) and returns the identity changes `allow_changes` permits."""
+  path = workdir_lib.path(workdir, checkpointing.CONFIG_NAME)
+  if not (has_checkpoints and path.exists()):
+    return []
+  stored = configuration.read_json(str(path))
+  return configuration.check_resume(stored, config, f'--workdir={workdir}')
+
+
+def _write_config(config, workdir, start: int, changes) -> None:
+  """Writes config.json; after an allowed identity change the previous one is
+  kept as config.<step>.json."""
+  path = workdir_lib.path(workdir, checkpointing.CONFIG_NAME)
+  if changes:
+    kept = workdir_lib.path(workdir, f'config.{start}.json')
+    n = 1
+    while kept.exists():
+      kept, n = workdir_lib.path(workdir, f'config.{start}.{n}.json'), n + 1
+    kept.write_text(path.read_text())
+    for name, old, new in changes:
+      logging.warning('Resuming at step %d with %s changed from %r to %r '
+                      '(allowed by allow_changes); the previous config is '
+                      'kept as %s.', start, name, old, new, kept.name)
+  path.write_text(config.to_json_best_effort(indent=2))
+
+
+def _mark_restart(workdir, step: int) -> None:
+  """Tells TensorBoard that the run restarts at `step`.
+
+  A SessionLog.START event at `step` makes TensorBoard's reader drop the
+  values of steps >= `step` that earlier event files hold (written after the
+  last checkpoint by a run that was then killed), so each step keeps exactly
+  one value: the resumed run's.
+  """
+  marker = EventFileWriter(str(workdir_lib.path(workdir)),
+                           filename_suffix='.restart')
+  marker.add_event(event_pb2.Event(
+      wall_time=time.time(), step=step,
+      session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+  marker.close()
+  # Event files are read in name order, and names start with the second they
+  # were opened: the writer opened next must sort after this marker.
+  time.sleep(max(0.0, math.floor(time.time()) + 1.01 - time.time()))
 
 
 def _write_images(writer, workdir, step, state, reals, z_fixed, config):
@@ -122,7 +175,8 @@ def _write_images(writer, workdir, step, state, reals, z_fixed, config):
   writer.write_images(step, {k: v[None] for k, v in grids.items()})
   for name, grid in grids.items():
     sampling.save_png(
-        os.path.join(workdir, 'images', f'{name}_{step:08d}.png'), grid)
+        str(workdir_lib.path(workdir, 'images', f'{name}_{step:08d}.png')),
+        grid)
 
 
 def _make_evaluator(config, writer):
@@ -143,26 +197,40 @@ def _make_evaluator(config, writer):
 
 
 def train_and_evaluate(config, workdir: str) -> step_lib.TrainState:
-  """Trains until `config.num_train_steps`, resuming from the latest checkpoint."""
+  """Trains until `config.num_train_steps`, resuming from the latest checkpoint.
+
+  Nothing in the workdir is written before the run is known to match it (a
+  checkpoint of the same model, the same identity fields as its config.json).
+  One training process per workdir (`workdir.RunLock`). SIGTERM or SIGINT
+  saves the current step and returns early (`last_stop_signal()` says which).
+  """
   validate(config)
   initialize_distributed(config)
   check_batch_divides(config.batch_size, jax.device_count())
-  _prepare_workdir(workdir)
-  is_host0 = jax.process_index() == 0
-  writer = metric_writers.create_default_writer(workdir,
-                                                just_logging=not is_host0)
-  if is_host0:
-    (epath.Path(workdir) / 'config.json').write_text(
-        config.to_json_best_effort(indent=2))
+  workdir_lib.prepare(workdir, jax.process_index())
+  lock = (workdir_lib.RunLock(workdir) if jax.process_index() == 0
+          else contextlib.nullcontext())
+  with lock:
+    return _train(config, workdir)
 
+
+def _train(config, workdir: str) -> step_lib.TrainState:
+  is_host0 = jax.process_index() == 0
   manager = checkpointing.make_manager(workdir, max_to_keep=config.max_to_keep)
-  state = checkpointing.restore(manager, config)
+  changes = _resume_identity(config, workdir, bool(manager.all_steps()))
+  state = checkpointing.restore(manager, config, move_damaged=is_host0)
   if state is None:
     state = step_lib.create_train_state(config, jax.random.PRNGKey(config.seed))
   else:
     logging.info('Resuming from step %d.', int(state.step))
   start = int(jax.device_get(state.step))
   last_good = manager.latest_step()
+  if is_host0:
+    _write_config(config, workdir, start, changes)
+    if start:
+      _mark_restart(workdir, start + 1)
+  writer = metric_writers.create_default_writer(
+      str(workdir_lib.path(workdir)), just_logging=not is_host0)
 
   reals = input_pipeline.eval_images(config, config.num_image_samples)
   z_fixed = jax.random.normal(jax.random.PRNGKey(config.seed + 1),
@@ -196,8 +264,10 @@ def train_and_evaluate(config, workdir: str) -> step_lib.TrainState:
       bar.set_postfix(loss_e=f"{mean['loss_e']:.4g}",
                       loss_g=f"{mean['loss_g']:.4g}")
 
+  global _LAST_STOP_SIGNAL
+  _LAST_STOP_SIGNAL = None
   try:
-    with _Preemption() as preemption:
+    with _StopSignals() as signals:
       for step in range(start + 1, config.num_train_steps + 1):
         batch = next(data)
         p_state, metrics = p_step(p_state, batch['image'])
@@ -205,7 +275,7 @@ def train_and_evaluate(config, workdir: str) -> step_lib.TrainState:
         progress(step)
         bar.update(1)
         last = step == config.num_train_steps
-        stop = preemption.requested or manager.reached_preemption(step)
+        stop = signals.requested or manager.reached_preemption(step)
         if step % config.log_every_steps == 0 or last or stop:
           flush(step)
         if is_host0 and (step % config.image_every_steps == 0 or last):
@@ -218,10 +288,22 @@ def train_and_evaluate(config, workdir: str) -> step_lib.TrainState:
           checkpointing.save(manager, step_lib.unreplicate(p_state), force=True)
           last_good = step
         if stop:
-          logging.warning('Stopped at step %d after preemption.', step)
+          _LAST_STOP_SIGNAL = signals.received or signal.SIGTERM
+          logging.warning(
+              'Stopped at step %d of %d (checkpoint saved); rerun the same '
+              'command to resume.', step, config.num_train_steps)
           break
   finally:
     bar.close()
-    manager.wait_until_finished()
     writer.flush()
+    checkpointing.wait_until_finished(manager)
   return step_lib.unreplicate(p_state)
+
+
+_LAST_STOP_SIGNAL = None
+
+
+def last_stop_signal():
+  """The signal (SIGTERM, SIGINT) that stopped the last `train_and_evaluate`
+  early, or None when it ran to `num_train_steps`."""
+  return _LAST_STOP_SIGNAL

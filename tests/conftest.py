@@ -70,6 +70,19 @@ def initial_state(arch='conv', seed=0):
   return _initial_state(arch, seed)
 
 
+@pytest.fixture(scope='module')
+def cache_dir(tmp_path_factory):
+  """One persistent compilation cache for this module and its children."""
+  path = str(tmp_path_factory.mktemp('xla_cache'))
+  saved = {k: getattr(jax.config, k) for k in (
+      'jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs')}
+  jax.config.update('jax_compilation_cache_dir', path)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  yield path
+  for k, v in saved.items():
+    jax.config.update(k, v)
+
+
 _JITTED = {}
 
 

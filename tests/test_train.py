@@ -7,112 +7,26 @@ compilation cache so each pays for XLA compilation once.
 """
 
 import glob
-import hashlib
 import importlib.util
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 import pytest
-import tensorflow as tf
-from tensorboard.backend.event_processing import event_accumulator
 
 from introvae_jax import base_config, checkpointing, create_train_state, train
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_FLAGS = ['--config.image_size=16', '--config.channels=(4,8)',
-              '--config.hdim=4', '--config.batch_size=8',
-              '--config.num_image_samples=4', '--config.num_vae_steps=2',
-              '--config.m_plus=5.0', '--config.shuffle_buffer=64',
-              '--config.eval_every_steps=3', '--config.eval_num_images=16',
-              '--config.eval_split_fraction=0.2']
-SCALAR_TAGS = {'loss_rec', 'kl_real', 'kl_rec', 'kl_fake', 'kl_rec_g',
-               'kl_fake_g', 'loss_e', 'loss_g', 'grad_norm_e', 'grad_norm_g',
-               'mu_mean', 'logvar_mean', 'vae_phase', 'steps_per_sec'}
+from train_utils import (REPO, SCALAR_TAGS, complete_steps,
+                         dir_digest, env, main_cmd, run_main, scalars,
+                         tiny_config)
 
 
-@pytest.fixture(scope='module', autouse=True)
-def cache_dir(tmp_path_factory):
-  """One persistent compilation cache for this module and its children."""
-  path = str(tmp_path_factory.mktemp('xla_cache'))
-  saved = {k: getattr(jax.config, k) for k in (
-      'jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs')}
-  jax.config.update('jax_compilation_cache_dir', path)
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
-  yield path
-  for k, v in saved.items():
-    jax.config.update(k, v)
-
-
-def _env(cache_dir):
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache_dir,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-             JAX_PLATFORMS='cpu', PYTHONPATH=REPO,
-             INTROVAE_CACHE=os.path.join(cache_dir, 'introvae'))  # hermetic
-  env.pop('XLA_FLAGS', None)
-  return env
-
-
-def _main_cmd(workdir, steps, *extra):
-  return [sys.executable, os.path.join(REPO, 'main.py'),
-          '--config=' + os.path.join(REPO, 'configs', 'default.py'),
-          f'--workdir={workdir}', f'--config.num_train_steps={steps}',
-          *TINY_FLAGS, *extra]
-
-
-def _run_main(cache_dir, workdir, steps, *extra, check=True):
-  proc = subprocess.run(_main_cmd(workdir, steps, *extra), cwd=REPO,
-                        env=_env(cache_dir), capture_output=True, text=True,
-                        timeout=600)
-  if check and proc.returncode:
-    raise AssertionError(f'main.py failed:\n{proc.stderr[-4000:]}')
-  return proc
-
-
-def _scalars(workdir):
-  """{tag: {step: value}} from every event file (later files win)."""
-  out = {}
-  for path in sorted(glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))):
-    acc = event_accumulator.EventAccumulator(path, size_guidance={'tensors': 0})
-    acc.Reload()
-    for tag in acc.Tags()['tensors']:
-      for ev in acc.Tensors(tag):
-        value = tf.make_ndarray(ev.tensor_proto)
-        if value.ndim == 0:  # images are tensors too
-          out.setdefault(tag, {})[ev.step] = float(value)
-  return out
-
-
-def _complete_steps(workdir):
-  return sorted(int(os.path.basename(os.path.dirname(p))) for p in glob.glob(
-      os.path.join(workdir, 'checkpoints', '*', 'commit_success.txt')))
-
-
-def _tiny_config(**overrides):
-  spec = importlib.util.spec_from_file_location(
-      'default_cfg', os.path.join(REPO, 'configs', 'default.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
-  c.image_size, c.channels, c.hdim, c.batch_size = 16, (4, 8), 4, 8
-  c.num_image_samples, c.num_vae_steps, c.m_plus = 4, 2, 5.0
-  c.shuffle_buffer, c.eval_every_steps = 64, 0
-  for k, v in overrides.items():
-    setattr(c, k, v)
-  return c
-
-
-def _dir_digest(path):
-  h = hashlib.sha256()
-  for root, _, files in sorted(os.walk(path)):
-    for name in sorted(files):
-      with open(os.path.join(root, name), 'rb') as f:
-        h.update(name.encode() + f.read())
-  return h.hexdigest()
+@pytest.fixture(autouse=True)
+def _use_cache(cache_dir):
+  del cache_dir
 
 
 def test_main_end_to_end_and_kill9_resume_is_exact(tmp_path, cache_dir):
@@ -120,64 +34,64 @@ def test_main_end_to_end_and_kill9_resume_is_exact(tmp_path, cache_dir):
   flags = ['--config.log_every_steps=1', '--config.checkpoint_every_steps=2',
            '--config.image_every_steps=3']
   full = str(tmp_path / 'full')
-  _run_main(cache_dir, full, 6, *flags)
+  run_main(full, 6, *flags)
 
   # The program's outputs.
-  assert _complete_steps(full) == [2, 4, 6]
-  scalars = _scalars(full)
-  assert SCALAR_TAGS <= set(scalars), SCALAR_TAGS - set(scalars)
-  assert {'eval/rec_psnr', 'eval/kl_real', 'eval/kl_fake'} <= set(scalars), sorted(scalars)
-  assert sorted(scalars['eval/rec_psnr']) == [3, 6]
-  assert sorted(scalars['loss_e']) == [1, 2, 3, 4, 5, 6]
-  assert scalars['vae_phase'][1] == 1.0 and scalars['vae_phase'][3] == 0.0
+  assert complete_steps(full) == [2, 4, 6]
+  values = scalars(full)
+  assert SCALAR_TAGS <= set(values), SCALAR_TAGS - set(values)
+  assert {'eval/rec_psnr', 'eval/kl_real', 'eval/kl_fake'} <= set(values), sorted(values)
+  assert sorted(values['eval/rec_psnr']) == [3, 6]
+  assert sorted(values['loss_e']) == [1, 2, 3, 4, 5, 6]
+  assert values['vae_phase'][1] == 1.0 and values['vae_phase'][3] == 0.0
   for kind in ('real', 'reconstruction', 'samples'):
     assert os.path.exists(os.path.join(full, 'images', f'{kind}_00000003.png'))
   assert os.path.exists(os.path.join(full, 'config.json'))
 
   # Killed (SIGKILL) once the step-2 checkpoint is complete, then resumed.
   resumed = str(tmp_path / 'resumed')
-  proc = subprocess.Popen(_main_cmd(resumed, 6, *flags), cwd=REPO,
-                          env=_env(cache_dir), stdout=subprocess.DEVNULL,
+  proc = subprocess.Popen(main_cmd(resumed, 6, *flags), cwd=REPO,
+                          env=env(cache_dir), stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
   deadline = time.time() + 300
-  while not _complete_steps(resumed) and time.time() < deadline:
+  while not complete_steps(resumed) and time.time() < deadline:
     if proc.poll() is not None:
       break
     time.sleep(0.05)
   proc.kill()
   proc.wait()
-  killed_at = _complete_steps(resumed)
+  killed_at = complete_steps(resumed)
   assert killed_at, 'the run ended before its first checkpoint'
-  _run_main(cache_dir, resumed, 6, *flags)
-  again = _scalars(resumed)
+  run_main(resumed, 6, *flags)
+  again = scalars(resumed)
   for tag in ('loss_e', 'loss_g', 'kl_rec', 'kl_fake', 'grad_norm_g'):
     for step in range(killed_at[-1] + 1, 7):
-      np.testing.assert_equal(again[tag][step], scalars[tag][step],
+      np.testing.assert_equal(again[tag][step], values[tag][step],
                               err_msg=f'{tag} at step {step}')
 
 
 def test_sigterm_saves_a_complete_checkpoint(tmp_path, cache_dir):
   workdir = str(tmp_path / 'run')
   proc = subprocess.Popen(
-      _main_cmd(workdir, 100_000, '--config.checkpoint_every_steps=3',
+      main_cmd(workdir, 100_000, '--config.checkpoint_every_steps=3',
                 '--config.log_every_steps=1000', '--config.image_every_steps=1000'),
-      cwd=REPO, env=_env(cache_dir), stdout=subprocess.DEVNULL,
+      cwd=REPO, env=env(cache_dir), stdout=subprocess.DEVNULL,
       stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 300
-  while not _complete_steps(workdir) and time.time() < deadline:
+  while not complete_steps(workdir) and time.time() < deadline:
     time.sleep(0.05)
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=300)
   assert proc.returncode == 0, err[-3000:]
   assert 'SIGTERM received' in err
-  steps = _complete_steps(workdir)
+  steps = complete_steps(workdir)
   # The stop saved its own step (not only the periodic multiples of 3).
-  state = checkpointing.latest_state(workdir, _tiny_config())
+  state = checkpointing.latest_state(workdir, tiny_config())
   assert int(state.step) == steps[-1]
 
 
 def test_half_written_checkpoint_is_ignored(tmp_path):
-  config = _tiny_config(num_train_steps=2, checkpoint_every_steps=2,
+  config = tiny_config(num_train_steps=2, checkpoint_every_steps=2,
                         log_every_steps=1, image_every_steps=100)
   workdir = str(tmp_path / 'run')
   train.train_and_evaluate(config, workdir)
@@ -193,28 +107,28 @@ def test_half_written_checkpoint_is_ignored(tmp_path):
 
 def test_other_architecture_checkpoint_is_refused_and_kept(tmp_path):
   workdir = str(tmp_path / 'run')
-  config = _tiny_config(num_train_steps=1, log_every_steps=1,
+  config = tiny_config(num_train_steps=1, log_every_steps=1,
                         image_every_steps=100)
   train.train_and_evaluate(config, workdir)
-  before = _dir_digest(os.path.join(workdir, 'checkpoints'))
-  other = _tiny_config(channels=(4, 16), num_train_steps=2)
+  before = dir_digest(os.path.join(workdir, 'checkpoints'))
+  other = tiny_config(channels=(4, 16), num_train_steps=2)
   with pytest.raises(checkpointing.IncompatibleCheckpointError,
                      match='different model.*left untouched'):
     train.train_and_evaluate(other, workdir)
-  assert _dir_digest(os.path.join(workdir, 'checkpoints')) == before
+  assert dir_digest(os.path.join(workdir, 'checkpoints')) == before
 
 
 def test_nonfinite_loss_stops_with_step_and_term(tmp_path):
   # An infinite margin makes loss_e infinite from the first adversarial step.
-  config = _tiny_config(m_plus=float('inf'), num_vae_steps=0, num_train_steps=3,
+  config = tiny_config(m_plus=float('inf'), num_vae_steps=0, num_train_steps=3,
                         log_every_steps=1, image_every_steps=100)
   with pytest.raises(train.NonFiniteLossError, match=r'step 1: .*loss_e'):
     train.train_and_evaluate(config, str(tmp_path / 'stop'))
-  assert not _complete_steps(str(tmp_path / 'stop'))
+  assert not complete_steps(str(tmp_path / 'stop'))
 
 
 def test_nonfinite_updates_are_skipped_and_counted(tmp_path):
-  config = _tiny_config(m_plus=float('inf'), num_vae_steps=0, num_train_steps=2,
+  config = tiny_config(m_plus=float('inf'), num_vae_steps=0, num_train_steps=2,
                         log_every_steps=1, image_every_steps=100,
                         on_nonfinite='skip')
   final = train.train_and_evaluate(config, str(tmp_path / 'skip'))
@@ -225,7 +139,7 @@ def test_nonfinite_updates_are_skipped_and_counted(tmp_path):
 
 
 def test_unknown_config_field_fails_clearly(tmp_path, cache_dir):
-  proc = _run_main(cache_dir, str(tmp_path / 'run'), 1, '--config.m_plu=3',
+  proc = run_main(str(tmp_path / 'run'), 1, '--config.m_plu=3',
                    check=False)
   assert proc.returncode != 0
   assert 'm_plu' in proc.stderr and 'm_plus' in proc.stderr
@@ -238,7 +152,7 @@ def test_unwritable_workdir_fails_clearly(tmp_path):
   blocker = tmp_path / 'a_file'
   blocker.write_text('not a directory')
   with pytest.raises(PermissionError, match='Cannot write to --workdir'):
-    train.train_and_evaluate(_tiny_config(), str(blocker / 'run'))
+    train.train_and_evaluate(tiny_config(), str(blocker / 'run'))
 
 
 @pytest.mark.parametrize('path', sorted(glob.glob(os.path.join(REPO, 'configs', '[!_]*.py'))),

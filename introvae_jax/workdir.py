@@ -1,0 +1,92 @@
+"""A run's workdir: a local folder or a `gs://` bucket path, one writer at a time.
+
+Every path of a run goes through `etils.epath`, so the same code writes to a
+local disk or to Cloud Storage (TPU pods share nothing else). A local workdir
+is guarded by an OS-level lock (`<workdir>/.lock`, `fcntl.flock`): a second
+training process is refused at once, naming the holder, and the kernel drops
+the lock when its holder dies, so a crash never leaves it stuck. Cloud
+Storage has no such lock; there the scheduler must not start two jobs on one
+workdir.
+"""
+
+import datetime
+import errno
+import fcntl
+import os
+import socket
+import sys
+
+from etils import epath
+
+from introvae_jax.errors import WorkdirError
+
+LOCK_NAME = '.lock'
+
+
+def is_remote(path) -> bool:
+  """True for URLs such as gs://bucket/run (anything with a scheme)."""
+  return '://' in str(path)
+
+
+def path(workdir, *parts) -> epath.Path:
+  """`workdir/parts...` as an epath; local paths made absolute (Orbax needs it)."""
+  root = str(workdir)
+  if not is_remote(root):
+    root = os.path.abspath(root)
+  return epath.Path(root).joinpath(*parts)
+
+
+def prepare(workdir, process_index: int = 0) -> None:
+  """Creates the workdir and checks that this process can write to it."""
+  try:
+    root = path(workdir)
+    root.mkdir(parents=True, exist_ok=True)
+    probe = root / f'.write_test_{process_index}'  # hosts may share it
+    probe.write_text('ok')
+    probe.unlink()
+  except OSError as e:
+    raise WorkdirError(
+        f'Cannot write to --workdir={workdir} ({e.strerror or e}); pass a '
+        'directory you can write to.') from e
+
+
+class RunLock:
+  """Holds `<workdir>/.lock` for the life of a training process (local only).
+
+  The file records who holds it (pid, host, start time, command) so that a
+  refused second process can name the running one.
+  """
+
+  def __init__(self, workdir):
+    self.workdir = str(workdir)
+    self._fd = None
+
+  def __enter__(self):
+    if is_remote(self.workdir):
+      return self
+    lock_path = str(path(self.workdir, LOCK_NAME))
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      holder = os.pread(fd, 4096, 0).decode(errors='replace').strip()
+      os.close(fd)
+      if e.errno not in (errno.EAGAIN, errno.EACCES):
+        raise
+      raise WorkdirError(
+          f'--workdir={self.workdir} is in use by another training process '
+          f'({holder or "unknown holder"}). Wait for it to finish or stop it, '
+          'or pass another --workdir.') from None
+    now = datetime.datetime.now().isoformat(timespec='seconds')
+    info = (f'pid {os.getpid()} on {socket.gethostname()}, started {now}: '
+            f'{" ".join(sys.argv)}')
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, info.encode(), 0)
+    self._fd = fd
+    return self
+
+  def __exit__(self, *exc):
+    if self._fd is not None:
+      os.ftruncate(self._fd, 0)
+      os.close(self._fd)  # closing drops the flock
+      self._fd = None
