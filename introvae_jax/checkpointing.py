@@ -30,10 +30,17 @@ CONFIG_NAME = 'config.json'
 DAMAGED_DIR = 'checkpoints_damaged'
 
 
+_READ_ONLY_NOISE = ('read_only=True, setting', 'Given directory is read only')
+
+
 def quiet_orbax_logs() -> None:
-  """Hides Orbax's many INFO lines per save/restore; warnings still show."""
+  """Hides Orbax's many INFO lines per save/restore, and its warnings that a
+  read-only manager (sampling, evaluation) is read-only; others still show."""
   def keep(record) -> bool:
-    return record.levelno >= std_logging.WARNING or 'orbax' not in record.pathname
+    if 'orbax' not in record.pathname:
+      return True
+    return (record.levelno >= std_logging.WARNING and
+            not any(n in record.getMessage() for n in _READ_ONLY_NOISE))
   logging.get_absl_logger().addFilter(keep)
 
 
@@ -75,20 +82,21 @@ def _no_space(error: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def _disk_full_is_a_user_error(manager: ocp.CheckpointManager):
-  """A full disk while writing becomes one clear WorkdirError; Orbax writes
-  into a temporary folder and renames it when complete, so the earlier
-  checkpoints are untouched."""
+def disk_full_is_a_user_error(manager: ocp.CheckpointManager):
+  """A full disk while writing (checkpoints, events, images) becomes one
+  clear WorkdirError; Orbax writes into a temporary folder and renames it
+  when complete, so the earlier checkpoints are untouched."""
   try:
     yield
   except Exception as e:
-    if not _no_space(e):
+    if isinstance(e, WorkdirError) or not _no_space(e):
       raise
-    kept = sorted(manager.all_steps())
+    kept = sorted(make_manager(str(manager.directory.parent), max_to_keep=None,
+                               read_only=True).all_steps())
     raise WorkdirError(
-        f'No space left on the device of {manager.directory} while writing a '
-        f'checkpoint; the complete checkpoints (steps {kept or "none"}) are '
-        'intact. Free space (or lower max_to_keep) and rerun the same command '
+        f'No space left on the device of {manager.directory.parent} while '
+        f'writing the run; its complete checkpoints (steps {kept or "none"}) '
+        'are intact. Free space (or lower max_to_keep) and rerun the same command '
         'to resume.') from e
 
 
@@ -101,14 +109,14 @@ def save(manager: ocp.CheckpointManager, state: step_lib.TrainState,
   process of several (such as pmap's).
   """
   state = jax.device_get(state)
-  with _disk_full_is_a_user_error(manager):
+  with disk_full_is_a_user_error(manager):
     return manager.save(int(state.step), args=ocp.args.StandardSave(state),
                         force=force)
 
 
 def wait_until_finished(manager: ocp.CheckpointManager) -> None:
   """Waits for an asynchronous save (a full disk is a WorkdirError)."""
-  with _disk_full_is_a_user_error(manager):
+  with disk_full_is_a_user_error(manager):
     manager.wait_until_finished()
 
 

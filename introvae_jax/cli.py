@@ -40,12 +40,24 @@ def _clean(error: BaseException) -> str:
   return ' '.join(text.split())
 
 
+def _config_file_error() -> None:
+  """Exits naming a config-file flag whose file did not load (config_flags
+  defers that error to the first use of the config)."""
+  for name in list(flags.FLAGS):
+    value = flags.FLAGS[name].value
+    if type(value).__name__ == '_ErrorConfig':
+      cause = str(value._error).strip().splitlines()[-1].strip()  # pylint: disable=protected-access
+      exit_with_error(f'--{name}: cannot load the config file ({cause}); pass '
+                      'a config file such as configs/default.py.')
+
+
 def _parse_flags(argv: Sequence[str]):
   """absl's parsing; any failure, config-file overrides included, is a usage
   error naming the flag."""
   try:
     remaining = flags.FLAGS(argv)
   except flags.Error as e:
+    _config_file_error()
     exit_with_error(f'{e} (run with --helpfull to list the flags).')
   except (AttributeError, KeyError) as e:  # config_flags: an unknown field
     text = _clean(e)
@@ -54,12 +66,15 @@ def _parse_flags(argv: Sequence[str]):
            if field and a.startswith('--') and a.split('=')[0].endswith(field)]
     exit_with_error(f'{bad[0] if bad else "a --config override"}: unknown '
                     f'config field {text}')
-  for name in list(flags.FLAGS):
-    value = flags.FLAGS[name].value
-    if type(value).__name__ == '_ErrorConfig':  # config_flags' deferred error
-      cause = str(value._error).strip().splitlines()[-1].strip()  # pylint: disable=protected-access
-      exit_with_error(f'--{name}: cannot load the config file ({cause}); pass '
-                      'a config file such as configs/default.py.')
+  except Exception as e:  # pylint: disable=broad-except
+    _config_file_error()
+    text = _clean(e)
+    if 'Failed loading config file' in text:  # overrides of a missing file
+      cause = text[text.find('[Errno'):] if '[Errno' in text else text
+      exit_with_error(f'--config: cannot load the config file ({cause}); '
+                      'pass a config file such as configs/default.py.')
+    exit_with_error(f'{text} (check the flags).')
+  _config_file_error()
   return remaining
 
 

@@ -10,6 +10,10 @@ resumes from and the sampling tools load::
   python -m introvae_jax.convert --torch_checkpoint=model_epoch_10_iter_0.pth \
       --out=runs/converted [--config=configs/celebahq256.py]
 
+It writes `<out>/config.json` beside the checkpoint, as the training loop
+does, so `introvae_jax.sample`, `introvae_jax.evaluation` and `main.py`
+open the converted workdir like a trained one.
+
 Without `--config`, the model fields (channels, hdim, image size, image
 channels, the skip-convolution layout) are read off the checkpoint and the
 other fields are `base_config()`'s; with it, they must agree with the
@@ -36,7 +40,7 @@ only keeps the pickled attributes. So a checkpoint cannot name arbitrary
 functions to call, unlike a plain `torch.load(..., weights_only=False)`.
 """
 import collections
-import os
+import io
 import pickle
 import re
 import types
@@ -44,6 +48,7 @@ import warnings
 from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 
 from absl import flags
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,7 +56,10 @@ import orbax.checkpoint as ocp
 
 from introvae_jax import checkpointing
 from introvae_jax import configuration
+from introvae_jax import errors
 from introvae_jax import step as step_lib
+from introvae_jax import workdir as workdir_lib
+from introvae_jax.evaluation import BadFileError, MissingFileError
 
 Arrays = Dict[str, np.ndarray]
 
@@ -147,14 +155,27 @@ def load_reference_checkpoint(path: str) -> Arrays:
 
   Accepts `{'epoch', 'model': module}` (the reference's own files),
   `{'model': state_dict}` and plain state_dicts; strips a leading 'module.'
-  (DataParallel wrappers).
+  (DataParallel wrappers). A missing file, or one that is no checkpoint,
+  raises a `UserError` naming it.
   """
+  if not epath.Path(path).exists():
+    raise MissingFileError(f'No file at --torch_checkpoint={path}; pass the '
+                           "reference's .pth (model_epoch_*_iter_*.pth).")
   torch = _torch()
-  with warnings.catch_warnings():
-    # Legacy-format files make torch look for the stand-ins' source code.
-    warnings.filterwarnings('ignore', "Couldn't retrieve source code")
-    obj = torch.load(path, map_location='cpu', pickle_module=_pickle_module,
-                     weights_only=False)
+  data = epath.Path(path).read_bytes()
+  try:
+    with warnings.catch_warnings():
+      # Legacy-format files make torch look for the stand-ins' source code.
+      warnings.filterwarnings('ignore', "Couldn't retrieve source code")
+      obj = torch.load(io.BytesIO(data), map_location='cpu',
+                       pickle_module=_pickle_module, weights_only=False)
+  except Exception as e:  # pylint: disable=broad-except
+    # Truncated or foreign files fail inside torch with many exception types.
+    message = (str(e).strip().splitlines() or [''])[0]
+    raise BadFileError(
+        f'{path} is not a readable PyTorch checkpoint ({type(e).__name__}: '
+        f'{message}); pass a .pth written by the reference\'s torch.save, '
+        'and copy it again if it may be truncated.') from e
   if isinstance(obj, Mapping) and 'model' in obj:
     obj = obj['model']
   if isinstance(obj, Mapping):
@@ -162,13 +183,13 @@ def load_reference_checkpoint(path: str) -> Arrays:
   elif hasattr(obj, '_modules'):
     items = _module_state(obj)
   else:
-    raise ValueError(f'{path}: expected a reference checkpoint '
+    raise BadFileError(f'{path}: expected a reference checkpoint '
                      "({'epoch', 'model'}) or a state_dict, got "
                      f'{type(obj).__name__}.')
   out = {}
   for key, value in items:
     if not torch.is_tensor(value):
-      raise ValueError(f'{path}: entry {key!r} is a {type(value).__name__}, '
+      raise BadFileError(f'{path}: entry {key!r} is a {type(value).__name__}, '
                        'not a tensor; is this an IntroVAE checkpoint?')
     key = key[len('module.'):] if key.startswith('module.') else key
     out[key] = value.detach().cpu().numpy()
@@ -247,7 +268,7 @@ def _num_blocks(keys) -> Tuple[int, int]:
   sizes = {int(m.group(1)) for k in keys
            if (m := re.match(r'encoder\.main\.res_in_(\d+)\.', k))}
   if not sizes:
-    raise ValueError('No encoder.main.res_in_* entries: not an IntroVAE '
+    raise BadFileError('No encoder.main.res_in_* entries: not an IntroVAE '
                      'checkpoint (or not from the reference code).')
   n = len(sizes)
   return n, 4 * 2 ** n
@@ -272,7 +293,7 @@ def infer_model_fields(state_dict: Mapping[str, np.ndarray]) -> dict:
   has = [f'{q}.conv_expand.weight' in state_dict for q in quirk]
   layout = None if not has else all(has)
   if has and any(has) != all(has):
-    raise ValueError(f'Inconsistent skip convolutions in {quirk}: {has}.')
+    raise BadFileError(f'Inconsistent skip convolutions in {quirk}: {has}.')
   return dict(arch='conv', image_size=image_size, channels=tuple(channels),
               hdim=state_dict['encoder.fc.weight'].shape[0] // 2,
               image_channels=conv_in.shape[1], reference_layout=layout)
@@ -303,7 +324,7 @@ def torch_to_variables(state_dict: Mapping[str, np.ndarray]) -> Dict[str, dict]:
 
   def take(key):
     if key not in sd:
-      raise ValueError(f'Reference checkpoint lacks {key!r} (expected a '
+      raise BadFileError(f'Reference checkpoint lacks {key!r} (expected a '
                        f'{image_size}px model with {n} channel entries).')
     used.add(key)
     return sd[key]
@@ -327,7 +348,7 @@ def torch_to_variables(state_dict: Mapping[str, np.ndarray]) -> Dict[str, dict]:
       _set(params, path + ('bias',), bias)
   unexpected = sorted(set(sd) - used)
   if unexpected:
-    raise ValueError(f'Unexpected entries in the reference checkpoint: '
+    raise BadFileError(f'Unexpected entries in the reference checkpoint: '
                      f'{unexpected[:8]}{" ..." if len(unexpected) > 8 else ""}')
   return out
 
@@ -386,7 +407,7 @@ def check_model_fields(config, state_dict: Mapping[str, np.ndarray]) -> None:
            if v is not None and (tuple(config[k]) if k == 'channels'
                                  else config[k]) != v]
   if wrong:
-    raise ValueError('Config does not match the reference checkpoint: '
+    raise errors.ConfigError('Config does not match the reference checkpoint: '
                      + ', '.join(wrong) + '. Fix these config fields, or leave '
                      'out --config to take them from the checkpoint.')
 
@@ -414,7 +435,7 @@ def train_state_from_reference(state_dict: Mapping[str, np.ndarray], config):
     got = checkpointing.describe(tree)
     if want != got:
       diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
-      raise ValueError(
+      raise errors.ConfigError(
           f'{name}: the checkpoint does not fit the model the config builds '
           f'(reference_layout={config.reference_layout}); e.g. '
           + '; '.join(f'{k}: config {want.get(k)}, checkpoint {got.get(k)}'
@@ -430,16 +451,26 @@ def train_state_from_reference(state_dict: Mapping[str, np.ndarray], config):
       skipped_steps=jnp.zeros((), jnp.int32), **variables)
 
 
+def check_new_workdir(workdir: str) -> None:
+  """Raises WorkdirError if `workdir` already holds checkpoints (nothing is
+  overwritten)."""
+  folder = checkpointing.checkpoint_dir(workdir)
+  if folder.exists() and any(folder.iterdir()):
+    raise errors.WorkdirError(f'--out={workdir} already holds checkpoints '
+                              f'({folder}); choose a new --out.')
+
+
 def save_train_state(workdir: str, state) -> str:
   """Writes `state` as `<workdir>/checkpoints/<step>` (the training layout)."""
   manager = checkpointing.make_manager(workdir)
   if manager.latest_step() is not None:
-    raise FileExistsError(f'{checkpointing.checkpoint_dir(workdir)} already '
-                          'holds checkpoints; choose a new --out.')
+    raise errors.WorkdirError(
+        f'{checkpointing.checkpoint_dir(workdir)} already holds checkpoints; '
+        'choose a new --out.')
   checkpointing.save(manager, state, force=True)
   manager.wait_until_finished()
   manager.close()
-  return os.path.join(checkpointing.checkpoint_dir(workdir), str(int(state.step)))
+  return str(checkpointing.checkpoint_dir(workdir) / str(int(state.step)))
 
 
 def restore_variables(workdir: str, step: Optional[int] = None) -> dict:
@@ -447,12 +478,19 @@ def restore_variables(workdir: str, step: Optional[int] = None) -> dict:
 
   Needs no config: export reads the model's layout off the arrays.
   """
+  if not checkpointing.checkpoint_dir(workdir).exists():
+    raise errors.WorkdirError(
+        f'--jax_checkpoint={workdir} has no checkpoints/ folder; pass a '
+        'workdir of this project (main.py --workdir=... or convert --out=...).')
   manager = checkpointing.make_manager(workdir, max_to_keep=None,
                                        read_only=True)
+  steps = manager.all_steps()
   step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(
-        f'No checkpoint in {checkpointing.checkpoint_dir(workdir)}.')
+  if step is None or step not in steps:
+    raise errors.WorkdirError(
+        f'No checkpoint{"" if step is None else f" of step {step}"} in '
+        f'{checkpointing.checkpoint_dir(workdir)} (steps: '
+        f'{sorted(steps) or "none"}).')
   return manager.restore(step, args=ocp.args.StandardRestore())
 
 
@@ -461,36 +499,69 @@ def restore_variables(workdir: str, step: Optional[int] = None) -> dict:
 
 
 def convert_reference(torch_checkpoint: str, workdir: str, config=None):
-  """Reference .pth -> TrainState at `<workdir>/checkpoints/0`.
+  """Reference .pth -> TrainState at `<workdir>/checkpoints/0`, and
+  `<workdir>/config.json` (the config it was built from: the model fields
+  read off the checkpoint over `config`, or over base_config()).
 
-  Returns (state, config, path written).
+  Returns (state, config, path of the checkpoint written).
   """
+  check_new_workdir(workdir)
   state_dict = load_reference_checkpoint(torch_checkpoint)
-  config = config_for_checkpoint(state_dict, config)
+  try:
+    config = config_for_checkpoint(state_dict, config)
+  except BadFileError as e:
+    raise BadFileError(f'{torch_checkpoint}: {e}') from e
   state = train_state_from_reference(state_dict, config)
-  return state, config, save_train_state(workdir, state)
+  workdir_lib.prepare(workdir)
+  path = save_train_state(workdir, state)
+  # Written as the training loop writes it, so every tool opens the workdir.
+  workdir_lib.path(workdir, checkpointing.CONFIG_NAME).write_text(
+      config.to_json_best_effort(indent=2))
+  return state, config, path
 
 
 def export_reference(workdir: str, out: str, step: Optional[int] = None) -> None:
   """A workdir's checkpoint -> reference state_dict .pth (`load_state_dict`)."""
   torch = _torch()
-  torch.save(export_state_dict(restore_variables(workdir, step)), out)
+  variables = restore_variables(workdir, step)
+  buffer = io.BytesIO()
+  torch.save(export_state_dict(variables), buffer)
+  epath.Path(out).write_bytes(buffer.getvalue())
+
+
+def _check_export_target(out: str) -> None:
+  parent = epath.Path(out).parent
+  try:
+    parent.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise errors.UserError(f'Cannot create the folder of --out={out} '
+                           f'({e.strerror or e}); pass a writable path.') from e
+  if epath.Path(out).is_dir():
+    raise errors.UserError(f'--out={out} is a folder; export writes one .pth '
+                           'file: pass its path, e.g. --out=introvae.pth.')
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise ValueError(f'Unexpected arguments: {argv[1:]}')
+  del argv
   f = flags.FLAGS
   if bool(f.torch_checkpoint) == bool(f.jax_checkpoint):
-    raise ValueError('Give exactly one of --torch_checkpoint (import) or '
-                     '--jax_checkpoint (export).')
+    raise errors.UserError('Give exactly one of --torch_checkpoint (import) or '
+                           '--jax_checkpoint (export).')
+  checkpointing.quiet_orbax_logs()
   if f.torch_checkpoint:
+    if f.step is not None:
+      raise errors.UserError('--step is for export (--jax_checkpoint); an '
+                             'import always writes step 0.')
     _, config, path = convert_reference(f.torch_checkpoint, f.out, f.config)
     print(f'Wrote {path}: image_size={config.image_size} '
           f'channels={tuple(config.channels)} hdim={config.hdim} '
           f'image_channels={config.image_channels} '
           f'reference_layout={config.reference_layout}')
   else:
+    if f.config is not None:
+      raise errors.UserError('--config is for import (--torch_checkpoint); '
+                             'export reads the model off the checkpoint.')
+    _check_export_target(f.out)
     export_reference(f.jax_checkpoint, f.out, f.step)
     print(f'Wrote {f.out}')
 
@@ -506,13 +577,14 @@ def _define_flags():
                       'state_dict).')
   flags.DEFINE_string('jax_checkpoint', None,
                       'Export: a workdir of this project (its checkpoints/).')
-  flags.DEFINE_integer('step', None, 'Step to export (default: latest).')
+  flags.DEFINE_integer('step', None, 'Step to export (default: latest).',
+                       lower_bound=0)
   flags.DEFINE_string('out', None, 'Import: a new workdir (the checkpoint goes '
                       'to <out>/checkpoints/0, where main.py and the sampling '
                       'tools look). Export: the .pth file.', required=True)
 
 
 if __name__ == '__main__':
-  from absl import app  # pylint: disable=g-import-not-at-top
+  from introvae_jax import cli  # pylint: disable=g-import-not-at-top
   _define_flags()
-  app.run(main)
+  cli.run(main)

@@ -22,16 +22,17 @@ import json
 import os
 from typing import Optional, Tuple
 
+from etils import epath
 import flax.linen as nn
 from flax import serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from introvae_jax import offline_datasets
 import optax
 
+from introvae_jax import errors
 from introvae_jax import evaluation
+from introvae_jax import offline_datasets
 
 
 IMAGE_SIZE = 28
@@ -149,27 +150,38 @@ def _batched(fn, params, x, batch: int = 1_000):
 
 
 def save(params, path: str, metadata: dict) -> None:
-  """Weights as flax msgpack, metadata (accuracy, split) as <path>.json."""
-  path = os.path.expanduser(path)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, 'wb') as f:
-    f.write(serialization.to_bytes(jax.device_get(params)))
-  with open(path + '.json', 'w') as f:
-    json.dump(metadata, f, indent=2)
+  """Weights as flax msgpack, metadata (accuracy, split) as <path>.json
+  (local or gs://)."""
+  path = epath.Path(os.path.expanduser(path))
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_bytes(serialization.to_bytes(jax.device_get(params)))
+  path.with_name(path.name + '.json').write_text(json.dumps(metadata, indent=2))
+
+
+def _train_command(path) -> str:
+  return f'python -m introvae_jax.digit_classifier --out={path}'
 
 
 @functools.lru_cache(maxsize=4)
 def load(path: Optional[str] = None):
-  """The cached classifier's params; a clear error when it was never trained."""
+  """The classifier's params (default: the cache file); a `UserError` naming
+  the file and the command that trains it when it is missing or damaged."""
   path = os.path.expanduser(path or default_path())
-  if not os.path.exists(path):
-    raise FileNotFoundError(
+  if not epath.Path(path).exists():
+    raise evaluation.MissingFileError(
         f'No digit classifier at {path}. Train it once (about a minute on a '
-        f'CPU): python -m introvae_jax.digit_classifier --out={path}')
-  template = DigitCNN().init(jax.random.PRNGKey(0),
-                             jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 1)))['params']
-  with open(path, 'rb') as f:
-    return serialization.from_bytes(template, f.read())
+        f'CPU): {_train_command(path)}')
+  try:
+    stored = serialization.msgpack_restore(epath.Path(path).read_bytes())
+    template = jax.eval_shape(DigitCNN().init, jax.random.PRNGKey(0), jnp.zeros(
+        (1, IMAGE_SIZE, IMAGE_SIZE, 1)))['params']
+    return serialization.from_state_dict(template, stored)
+  except Exception as e:  # pylint: disable=broad-except
+    # Foreign or truncated bytes fail in msgpack or flax with many types.
+    raise evaluation.BadFileError(
+        f'{path} is not digit classifier weights ({type(e).__name__}: '
+        f'{str(e).splitlines()[0] if str(e) else ""}); delete it and train '
+        f'again: {_train_command(path)}') from e
 
 
 def digit_features(images, params=None, path: Optional[str] = None) -> np.ndarray:
@@ -183,14 +195,28 @@ def digit_features(images, params=None, path: Optional[str] = None) -> np.ndarra
   return _batched(_features, params, to_classifier_input(images))
 
 
+def check_output(path: str) -> str:
+  """The weights file `--out` names, its folder created; a `UserError` now,
+  not after training, when it cannot be written."""
+  path = epath.Path(os.path.expanduser(path))
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    probe = path.with_name(f'.{path.name}.write_test')
+    probe.write_text('ok')
+    probe.unlink()
+  except OSError as e:
+    raise errors.UserError(f'Cannot write --out={path} ({e.strerror or e}); '
+                           'pass a file path in a folder you can write to.'
+                           ) from e
+  return str(path)
+
+
 def main(argv):
-  from absl import app
   from absl import flags
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  del argv
   f = flags.FLAGS
+  out = check_output(f.out or default_path())
   params, accuracy = train(seed=f.seed, num_steps=f.num_steps)
-  out = os.path.expanduser(f.out or default_path())
   save(params, out, dict(held_out_accuracy=accuracy, seed=f.seed,
                          num_steps=f.num_steps, train_digits='first 4000',
                          held_out_digits='last 1000'))
@@ -199,11 +225,12 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  from absl import app
   from absl import flags
+  from introvae_jax import cli
   flags.DEFINE_string('out', None, 'Weights file (default: <cache>/'
                       'digit_classifier.msgpack, the cache being '
                       '$INTROVAE_CACHE or ~/.cache/introvae_jax).')
   flags.DEFINE_integer('seed', 0, 'Random seed.')
-  flags.DEFINE_integer('num_steps', 1_500, 'Adam steps of batch 64.')
-  app.run(main)
+  flags.DEFINE_integer('num_steps', 1_500, 'Adam steps of batch 64 (>= 1).',
+                       lower_bound=1)
+  cli.run(main)

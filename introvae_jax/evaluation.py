@@ -21,18 +21,38 @@ loop), `evaluate_workdir` for a workdir's checkpoint:
 
     python -m introvae_jax.evaluation --workdir=runs/default --num_images=1000
     # add --inception=<pytorch-fid's .pth> for FID and KID
+
+The weights files are checked (and loaded) before the checkpoint and the
+images, so a wrong path fails at once. Files go through `etils.epath`
+(local or gs://). Caches this program writes (the real images' Inception
+features and statistics, the .npz converted from the Inception .pth) are
+rebuilt, with a warning, when they cannot be read; a damaged file the user
+supplied is an error naming it.
 """
 
 import hashlib
+import io
+import json
 import os
 import warnings
 from typing import Dict, Optional, Sequence, Tuple
 
+from absl import logging
+from etils import epath
 import numpy as np
 from scipy import linalg
 
+from introvae_jax import errors
 
 CACHE_ENV = 'INTROVAE_CACHE'
+
+
+class MissingFileError(errors.UserError, FileNotFoundError):
+  """A weights or statistics file the user named (or must create) is absent."""
+
+
+class BadFileError(errors.UserError, ValueError):
+  """A weights or statistics file cannot be read or holds something else."""
 
 
 def cache_dir() -> str:
@@ -101,14 +121,57 @@ def frechet_distance_from_features(features1, features2) -> float:
                           *feature_statistics(features2))
 
 
+def write_npz(path: str, **arrays) -> str:
+  """np.savez to a local or gs:// path (".npz" appended as np.savez does),
+  written whole then renamed, so an interrupted write leaves no half file."""
+  path = str(path)
+  if not path.endswith('.npz'):
+    path += '.npz'
+  target = epath.Path(path)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
+  partial = target.parent / f'.{target.name}.{os.getpid()}.partial'
+  partial.write_bytes(buffer.getvalue())
+  partial.replace(target)
+  return path
+
+
+def read_npz(path: str, what: str, fix: str) -> Dict[str, np.ndarray]:
+  """All arrays of an .npz (local or gs://).
+
+  Raises MissingFileError or BadFileError naming `path`, `what` it should
+  hold and the `fix`, instead of numpy's messages (a file that is not a zip
+  archive reads as "pickled data ... allow_pickle=False").
+  """
+  path = epath.Path(path)
+  if not path.exists():
+    raise MissingFileError(f'No {what} at {path}; {fix}')
+  data = path.read_bytes()
+  if not data.startswith(b'PK'):
+    raise BadFileError(f'{path} is not an .npz archive, so not a {what}; {fix}')
+  try:
+    with np.load(io.BytesIO(data)) as f:
+      return {name: f[name] for name in f.files}
+  except Exception as e:  # pylint: disable=broad-except
+    # A damaged zip surfaces as BadZipFile, EOFError, OSError or ValueError.
+    raise BadFileError(f'{path} is a damaged .npz ({type(e).__name__}: {e}), '
+                       f'not a readable {what}; {fix}') from e
+
+
 def save_statistics(path: str, mu, sigma) -> None:
   """Caches (mu, sigma) as pytorch-fid's .npz layout (keys 'mu', 'sigma')."""
-  np.savez(path, mu=mu, sigma=sigma)
+  write_npz(path, mu=mu, sigma=sigma)
 
 
 def load_statistics(path: str) -> Tuple[np.ndarray, np.ndarray]:
-  with np.load(path) as f:
-    return f['mu'][:], f['sigma'][:]
+  """(mu, sigma) of a pytorch-fid statistics .npz; BadFileError naming it."""
+  fix = 'delete it and compute the statistics again.'
+  arrays = read_npz(path, "statistics file (pytorch-fid's 'mu', 'sigma')", fix)
+  if not {'mu', 'sigma'} <= set(arrays):
+    raise BadFileError(f'{path} has no mu and sigma arrays (it has '
+                       f'{sorted(arrays)}); {fix}')
+  return arrays['mu'], arrays['sigma']
 
 
 # --------------------------------------------------------------------------
@@ -400,16 +463,54 @@ def evaluate_model(state, config, real_images, key, *, num_samples=None,
 
 
 def cached_features(path: str, images, extract) -> np.ndarray:
-  """extract(images), cached in an .npz (with pytorch-fid's mu and sigma)."""
-  if os.path.exists(path):
-    with np.load(path) as f:
-      if len(f['features']) == len(images):
-        return f['features'][:]
+  """extract(images), cached in an .npz (with pytorch-fid's mu and sigma).
+
+  The cache is this program's own: one that cannot be read (say, a write
+  cut short by an older version) is rebuilt with a warning.
+  """
+  if epath.Path(path).exists():
+    try:
+      cached = read_npz(path, 'feature cache', 'it is rebuilt.')
+      if len(cached['features']) == len(images):
+        return cached['features']
+    except (BadFileError, KeyError) as e:
+      logging.warning('Rebuilding the feature cache %s: %s', path,
+                      f'no features array ({e})' if isinstance(e, KeyError)
+                      else e)
   feats = np.asarray(extract(images))
   mu, sigma = feature_statistics(feats)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  np.savez(path, mu=mu, sigma=sigma, features=feats)
+  write_npz(path, mu=mu, sigma=sigma, features=feats)
   return feats
+
+
+def load_feature_weights(config, *, inception_path: Optional[str] = None,
+                         classifier_path: Optional[str] = None, log=print):
+  """(Inception params or None, digit classifier params or None), loaded
+  up front so that a missing or damaged file is reported before other work.
+
+  Files the caller names must load. The digit classifier serves
+  mnist_offline runs; without `classifier_path` it is read from the default
+  cache path when there is one there, else the digit distances are skipped
+  (said through `log`). `config=None` loads only the named files.
+  """
+  from introvae_jax import digit_classifier
+  from introvae_jax import inception
+
+  params = inception.load(inception_path) if inception_path else None
+  classifier = (digit_classifier.load(classifier_path) if classifier_path
+                else None)
+  if config is None:
+    return params, classifier
+  if config.dataset != 'mnist_offline':
+    return params, None
+  if classifier is None:
+    if epath.Path(digit_classifier.default_path()).exists():
+      classifier = digit_classifier.load()
+    elif log is not None:
+      log('Skipping the digit-feature distances: no digit classifier at '
+          f'{digit_classifier.default_path()}; train it once (about a '
+          'minute on a CPU) with python -m introvae_jax.digit_classifier')
+  return params, classifier
 
 
 def feature_extractors_for(config, real_images, *,
@@ -419,14 +520,17 @@ def feature_extractors_for(config, real_images, *,
 
   InceptionV3 (FID/KID) when `inception_path` is given, its real features
   cached under <cache>/fid_stats; the digit classifier for mnist_offline
-  when its weights exist. What is skipped is said through `log`.
+  when its weights exist (`load_feature_weights`). What is skipped is said
+  through `log`.
   """
   from introvae_jax import digit_classifier
   from introvae_jax import inception
 
+  params, clf = load_feature_weights(
+      config, inception_path=inception_path, classifier_path=classifier_path,
+      log=log)
   extractors, real_features = {}, {}
-  if inception_path:
-    params = inception.load(inception_path)
+  if params is not None:
     extractors['inception'] = lambda x: inception.features(params, x)
     # One file per source, size, split and count of the real images.
     source = config.dataset
@@ -441,14 +545,9 @@ def feature_extractors_for(config, real_images, *,
   elif log is not None:
     log('Skipping FID and KID: pass the path of pytorch-fid\'s '
         f'{inception.WEIGHTS_FILE}.')
-  if config.dataset == 'mnist_offline':
-    try:
-      clf = digit_classifier.load(classifier_path)
-      extractors['digit'] = lambda x: digit_classifier.digit_features(x, clf)
-      real_features['digit'] = extractors['digit'](real_images)
-    except FileNotFoundError as e:
-      if log is not None:
-        log(f'Skipping the digit-feature distances: {e}')
+  if clf is not None:
+    extractors['digit'] = lambda x: digit_classifier.digit_features(x, clf)
+    real_features['digit'] = extractors['digit'](real_images)
   return extractors, real_features
 
 
@@ -461,18 +560,26 @@ def evaluate_workdir(workdir: str, *, num_images: int = 1000, step=None,
 
   Real images are the run's `input_pipeline.eval_images` (held out when
   eval_split_fraction > 0). FID/KID need `inception_path`; the digit
-  distances need the digit classifier (mnist_offline only).
+  distances need the digit classifier (mnist_offline only). Arguments and
+  weights files are checked first: `errors.UserError` naming the mistake.
   """
-  import json
-
+  if batch_norm not in ('batch', 'running'):
+    raise errors.UserError(
+        f"batch_norm={batch_norm!r}; use 'batch' or 'running'.")
+  if num_images < 2:
+    raise errors.UserError(f'num_images={num_images}: the distances need at '
+                           'least 2 images (--num_images>=2).')
+  # The weights first: loading the run and its images takes much longer.
+  load_feature_weights(None, inception_path=inception_path,
+                       classifier_path=classifier_path, log=None)
   import jax
 
   from introvae_jax import checkpointing
   from introvae_jax import input_pipeline
+  from introvae_jax import workdir as workdir_lib
 
-  if batch_norm not in ('batch', 'running'):
-    raise ValueError(f"batch_norm={batch_norm!r}; use 'batch' or 'running'.")
   config, state = checkpointing.load_run(workdir, step)
+  workdir_lib.prepare(workdir)  # the results go there: fail now, not later
   real = input_pipeline.eval_images(config, num_images)
   extractors, real_features = feature_extractors_for(
       config, real, inception_path=inception_path,
@@ -482,10 +589,10 @@ def evaluate_workdir(workdir: str, *, num_images: int = 1000, step=None,
       use_running_average=batch_norm == 'running',
       feature_extractors=extractors, real_features=real_features)
   step = int(jax.device_get(state.step))
-  path = os.path.join(workdir, f'eval_{step:08d}_{batch_norm}.json')
-  with open(path, 'w') as fp:
-    json.dump(dict(metrics, step=step, num_images=len(real),
-                   batch_norm=batch_norm), fp, indent=2)
+  path = str(epath.Path(workdir) / f'eval_{step:08d}_{batch_norm}.json')
+  epath.Path(path).write_text(json.dumps(
+      dict(metrics, step=step, num_images=len(real), batch_norm=batch_norm),
+      indent=2))
   if log is not None:
     width = max(map(len, metrics))
     log(f'step {step}, {len(real)} real and generated images, '
@@ -497,23 +604,22 @@ def evaluate_workdir(workdir: str, *, num_images: int = 1000, step=None,
 
 
 def main(argv):
-  from absl import app
   from absl import flags
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  del argv
   f = flags.FLAGS
   evaluate_workdir(f.workdir, num_images=f.num_images, step=f.step,
                    seed=f.seed, batch_norm=f.batch_norm,
                    inception_path=f.inception, classifier_path=f.classifier)
 
 
-if __name__ == '__main__':
-  from absl import app
+def _define_flags():
   from absl import flags
   flags.DEFINE_string('workdir', None, 'A training workdir (config.json and '
-                      'checkpoints).')
-  flags.DEFINE_integer('num_images', 1000, 'Real and generated images.')
-  flags.DEFINE_integer('step', None, 'Checkpoint step (default: newest).')
+                      'checkpoints).', required=True)
+  flags.DEFINE_integer('num_images', 1000, 'Real and generated images (>= 2).',
+                       lower_bound=2)
+  flags.DEFINE_integer('step', None, 'Checkpoint step (default: newest).',
+                       lower_bound=0)
   flags.DEFINE_integer('seed', 0, 'Seed of the prior samples.')
   flags.DEFINE_enum('batch_norm', 'batch', ['batch', 'running'],
                     'BatchNorm statistics at evaluation time.')
@@ -522,5 +628,9 @@ if __name__ == '__main__':
                       'skipped without it.')
   flags.DEFINE_string('classifier', None, 'Digit classifier weights (default: '
                       'the cache path of introvae_jax.digit_classifier).')
-  flags.mark_flag_as_required('workdir')
-  app.run(main)
+
+
+if __name__ == '__main__':
+  from introvae_jax import cli
+  _define_flags()
+  cli.run(main)

@@ -18,9 +18,12 @@ convolution: kernel * gamma / sqrt(var + eps) and bias beta - mean * that.
 """
 
 import functools
+import io
 import os
 from typing import Dict, Tuple
 
+from absl import logging
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -184,17 +187,18 @@ def from_state_dict(state_dict) -> Params:
     params[name] = (kernel.astype(np.float32),
                     (beta - mean * scale).astype(np.float32))
   if 'Mixed_7c.branch_pool' not in params:
-    raise ValueError('Not an InceptionV3 state dict (no Mixed_7c.branch_pool); '
-                     f'pass pytorch-fid\'s {WEIGHTS_FILE}.')
+    raise evaluation.BadFileError(
+        'Not an InceptionV3 state dict (no Mixed_7c.branch_pool); pass '
+        f'pytorch-fid\'s {WEIGHTS_FILE}.')
   return params
 
 
 def save_npz(params: Params, path: str) -> None:
+  """The folded params as an .npz (local or gs://), written atomically."""
   arrays = {}
   for name, (kernel, bias) in params.items():
     arrays[f'{name}/kernel'], arrays[f'{name}/bias'] = kernel, bias
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  np.savez(path, **arrays)
+  evaluation.write_npz(path, **arrays)
 
 
 def convert(pth_path: str, npz_path: str) -> Params:
@@ -205,10 +209,34 @@ def convert(pth_path: str, npz_path: str) -> Params:
     raise ImportError(f'Reading {pth_path} needs PyTorch (pip install torch, '
                       'CPU is enough); afterwards the .npz loads without it.'
                       ) from e
-  params = from_state_dict(torch.load(pth_path, map_location='cpu',
-                                      weights_only=True))
+  data = epath.Path(pth_path).read_bytes()
+  try:
+    state_dict = torch.load(io.BytesIO(data), map_location='cpu',
+                            weights_only=True)
+    params = from_state_dict(state_dict)
+  except Exception as e:  # pylint: disable=broad-except
+    # Truncated or foreign files fail inside torch with many exception types.
+    raise evaluation.BadFileError(
+        f'{pth_path} is not pytorch-fid\'s InceptionV3 weights file '
+        f'({type(e).__name__}: {_first_line(e)}); download {WEIGHTS_FILE} '
+        'again (pytorch-fid\'s release page) and pass its path.') from e
   save_npz(params, npz_path)
   return params
+
+
+def _first_line(error: Exception) -> str:
+  return (str(error).strip().splitlines() or [''])[0]
+
+
+def _params_from_npz(path: str, fix: str) -> Params:
+  arrays = evaluation.read_npz(path, 'InceptionV3 weights file', fix)
+  names = {k.rsplit('/', 1)[0] for k in arrays}
+  if 'Mixed_7c.branch_pool' not in names or not all(
+      f'{n}/kernel' in arrays and f'{n}/bias' in arrays for n in names):
+    raise evaluation.BadFileError(
+        f'{path} holds no InceptionV3 weights (it has {len(arrays)} arrays, '
+        f'e.g. {sorted(arrays)[:3]}); {fix}')
+  return {n: (arrays[f'{n}/kernel'], arrays[f'{n}/bias']) for n in sorted(names)}
 
 
 @functools.lru_cache(maxsize=2)
@@ -216,21 +244,24 @@ def load(path: str) -> Params:
   """Params from pytorch-fid's .pth or a converted .npz, on the device.
 
   A .pth is converted once (needs torch) to `<cache>/<name>.npz`, the cache
-  being $INTROVAE_CACHE or ~/.cache/introvae_jax.
+  being $INTROVAE_CACHE or ~/.cache/introvae_jax; that cache is rebuilt from
+  the .pth, with a warning, if it cannot be read. A missing file, or one
+  that holds no InceptionV3 weights, raises a `UserError` naming it.
   """
   path = os.path.expanduser(path)
-  if not os.path.exists(path):
-    raise FileNotFoundError(
+  if not epath.Path(path).exists():
+    raise evaluation.MissingFileError(
         f'No InceptionV3 weights at {path}. FID needs pytorch-fid\'s '
         f'{WEIGHTS_FILE}, supplied by path (nothing is downloaded).')
   if path.endswith('.pth'):
     name = os.path.basename(path)[:-len('.pth')] + '.npz'
     cached = os.path.join(evaluation.cache_dir(), name)
-    if os.path.exists(cached):
-      path = cached
-    else:
-      return jax.device_put(convert(path, cached))
-  with np.load(path) as f:
-    names = {k.rsplit('/', 1)[0] for k in f.files}
-    return jax.device_put({n: (f[f'{n}/kernel'], f[f'{n}/bias'])
-                           for n in sorted(names)})
+    if epath.Path(cached).exists():
+      try:
+        return jax.device_put(_params_from_npz(cached, 'it is rebuilt.'))
+      except evaluation.BadFileError as e:
+        logging.warning('Converting %s again: %s', path, e)
+    return jax.device_put(convert(path, cached))
+  return jax.device_put(_params_from_npz(
+      path, f'delete it and pass pytorch-fid\'s {WEIGHTS_FILE} (the .pth), '
+      'which is converted to a fresh .npz.'))

@@ -17,6 +17,20 @@ have no random access: each epoch reads the split in file order through a
 `shuffle_buffer` seeded with (seed, host, epoch), so resuming reads, without
 decoding, up to one epoch of the host's records.
 
+Image folders are searched recursively, following symbolic links; a folder
+reached twice (a symlink loop such as `ln -s . self`, or a second link to
+one folder) is searched once, and the link is named in a warning. A
+subfolder that cannot be read is named in a warning and its images are left
+out (an error with `on_corrupt_image='error'`, as for corrupt files).
+
+A source with fewer training examples per host than the per-host batch is an
+error (every batch would repeat images), naming both numbers.
+
+Data a user can get wrong (a missing, empty or unreadable folder, an unknown
+or unprepared TFDS name, too few images) raises `DataError`, inconsistent
+fields `errors.ConfigError`; both are ValueErrors whose message names the
+field or path and the fix.
+
 `eval_split_fraction` holds out a fixed random subset of a folder or built-in
 set (the same for every seed), or the tail of a TFDS split (TFDS shuffles
 examples when it prepares a split).
@@ -42,6 +56,7 @@ from PIL import ImageOps
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from introvae_jax import errors
 from introvae_jax import offline_datasets
 from introvae_jax.configuration import check_batch_divides
 
@@ -73,6 +88,10 @@ def _configure_tensorflow() -> None:
 
 
 _configure_tensorflow()
+
+
+class DataError(errors.UserError, ValueError):
+  """The data a config names is missing, unreadable, unknown or too small."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +155,9 @@ def create_input_iter(config: ml_collections.ConfigDict, *, start_step: int = 0,
   local_batch = per_device * num_local_devices
   source = _source(config, held_out=False, host=host, num_hosts=num_hosts,
                    shuffle_key=_random_key(config.seed, host, _SHUFFLE))
+  if source.num_examples < local_batch:
+    raise DataError(_too_few_message(config, source.num_examples, num_hosts,
+                                     num_local_devices, local_batch))
   flip_key = tf.constant(_random_key(config.seed, host, _FLIP), tf.int64)
 
   def example(position, key):
@@ -174,6 +196,29 @@ def eval_images(config: ml_collections.ConfigDict,
     return next(ds.as_numpy_iterator())
 
 
+def _too_few_message(config, per_host: int, num_hosts: int,
+                     num_local_devices: int, local_batch: int) -> str:
+  if config.dataset == 'folder':
+    source = f'dataset=folder, data_dir={config.data_dir!r}'
+  elif config.dataset in offline_datasets.DATASETS:
+    source = f'dataset={config.dataset!r}'
+  else:
+    source = f'dataset={config.dataset!r}, split={config.split!r}'
+  found = f'{per_host} training images'
+  if num_hosts > 1:
+    found += f' per host ({num_hosts} hosts)'
+  if config.eval_split_fraction:
+    found += (' after holding out '
+              f'eval_split_fraction={config.eval_split_fraction:g}')
+  largest = per_host // num_local_devices * num_local_devices * num_hosts
+  fix = (f'lower --config.batch_size to {largest} or less, or use more data'
+         if largest else 'use more data')
+  return (f'{source} has {found}, fewer than one batch per host '
+          f'(batch_size={config.batch_size} // {num_hosts} '
+          f'host{"s" if num_hosts > 1 else ""} = {local_batch}), so every '
+          f'batch would repeat images; {fix}.')
+
+
 def dataset_size(config: ml_collections.ConfigDict) -> int:
   """Training examples over all hosts (held-out examples excluded)."""
   return _source(config, held_out=False, host=0, num_hosts=1,
@@ -185,14 +230,15 @@ def _source(config, *, held_out: bool, host: int, num_hosts: int,
   """The host's shard of the training examples, or of the held-out ones."""
   fraction = config.eval_split_fraction
   if not 0 <= fraction < 1:
-    raise ValueError(f'eval_split_fraction={fraction} must be in [0, 1).')
+    raise errors.ConfigError(
+        f'eval_split_fraction={fraction} must be in [0, 1).')
   if config.dataset == 'folder' or config.dataset in offline_datasets.DATASETS:
     if config.split != 'train':
-      raise ValueError(
+      raise errors.ConfigError(
           f"split={config.split!r}: dataset={config.dataset!r} has one split, "
           "'train'; hold out images with --config.eval_split_fraction.")
     if config.dataset == 'folder':
-      files = _list_images(config.data_dir)
+      files = list_images(config.data_dir, config.on_corrupt_image)
       indices = _shard(_holdout(len(files), fraction, held_out), host,
                        num_hosts)
       decoder = _FileDecoder([files[i] for i in indices],
@@ -217,8 +263,8 @@ def _holdout(num_examples: int, fraction: float, held_out: bool) -> np.ndarray:
 
 def _shard(indices: np.ndarray, host: int, num_hosts: int) -> np.ndarray:
   if len(indices) < num_hosts:
-    raise ValueError(f'{len(indices)} examples cannot be shared by {num_hosts} '
-                     'hosts; use more data or fewer hosts.')
+    raise DataError(f'{len(indices)} examples cannot be shared by {num_hosts} '
+                    'hosts; use more data or fewer hosts.')
   return indices[host::num_hosts]
 
 
@@ -244,8 +290,8 @@ def _tfds_source(config, *, held_out: bool, host: int, num_hosts: int,
                            drop_remainder=True)[host]
   num_examples = builder.info.splits[split].num_examples
   if not num_examples:
-    raise ValueError(f'split={config.split!r} of {config.dataset!r} has too '
-                     f'few examples for {num_hosts} hosts.')
+    raise DataError(f'split={config.split!r} of {config.dataset!r} has too '
+                    f'few examples for {num_hosts} hosts.')
   image_key = _image_feature(builder)
   # Images stay encoded until after shuffle and skip, so skipping is cheap.
   records = builder.as_dataset(
@@ -273,7 +319,7 @@ def _tfds_builder(config) -> tfds.core.DatasetBuilder:
     close = difflib.get_close_matches(
         name, tfds.list_builders(with_community_datasets=False), n=3)
     hint = f' Did you mean {" or ".join(close)}?' if close else ''
-    raise ValueError(
+    raise DataError(
         f"dataset={name!r} is not a TFDS name, 'folder', or a built-in set "
         f'({", ".join(offline_datasets.DATASETS)}).{hint} List TFDS names with '
         'tensorflow_datasets.list_builders() or at '
@@ -287,7 +333,7 @@ def _tfds_builder(config) -> tfds.core.DatasetBuilder:
              f'{builder.MANUAL_DOWNLOAD_INSTRUCTIONS.strip()}')
     else:
       how = ''
-    raise ValueError(
+    raise DataError(
         f'TFDS dataset {name!r} is not prepared in {builder.data_dir}. Prepare '
         f'it once (this downloads and converts it), then rerun:\n  {command}'
         f'{how}')
@@ -300,14 +346,15 @@ def _tfds_split(builder, config, held_out: bool) -> str:
   try:
     num_examples = builder.info.splits[split].num_examples
   except (KeyError, ValueError) as e:
-    raise ValueError(
+    raise DataError(
         f'split={split!r} is not a split of {config.dataset!r}; it has '
         f'{sorted(builder.info.splits)}.') from e
   if not config.eval_split_fraction:
     return split
   if '[' in split:
-    raise ValueError(f'split={split!r}: eval_split_fraction needs a plain '
-                     'split name (it slices off the held-out tail itself).')
+    raise errors.ConfigError(
+        f'split={split!r}: eval_split_fraction needs a plain split name (it '
+        'slices off the held-out tail itself).')
   # TFDS shuffles examples when it prepares a split, so the tail is random.
   num_eval = math.ceil(config.eval_split_fraction * num_examples)
   first_eval = num_examples - num_eval
@@ -323,27 +370,98 @@ def _image_feature(builder) -> str:
     return 'image'
   if len(images) == 1:
     return images[0]
-  raise ValueError(f'{builder.name!r} has no single image feature to train on; '
-                   f'its features are {list(features)}.')
+  raise DataError(f'{builder.name!r} has no single image feature to train on; '
+                  f'its features are {list(features)}.')
 
 
-def _list_images(folder: str) -> list[str]:
-  """PNG and JPEG files under `folder`, recursively, in sorted order."""
+def list_images(folder: str, on_unreadable: str = 'skip') -> list[str]:
+  """PNG and JPEG files under `folder`, recursively, in sorted order.
+
+  Symbolic links are followed, each real folder once: a link to a folder
+  already searched (a loop such as `ln -s . self`, or a second link to the
+  same folder) is skipped with a warning naming it, so nothing is listed
+  twice and a loop cannot recurse forever. A subfolder that cannot be read
+  is named in a warning and left out; with on_unreadable='error' it raises.
+
+  Raises:
+    DataError: `folder` is unset, missing, unreadable or holds no images.
+  """
   if not folder:
-    raise ValueError("dataset='folder' needs the image folder: set "
-                     '--config.data_dir=/path/to/images.')
+    raise DataError("dataset='folder' needs the image folder: set "
+                    '--config.data_dir=/path/to/images.')
   if not tf.io.gfile.isdir(folder):
-    raise ValueError(f'data_dir={folder!r} is not a directory '
-                     '(dataset=folder).')
-  files = sorted(
-      os.path.join(root, name) for root, _, names in tf.io.gfile.walk(folder)
-      for name in names if name.lower().endswith(IMAGE_EXTENSIONS))
+    raise DataError(f'data_dir={folder!r} is not a directory '
+                    '(dataset=folder); point data_dir at the training images.')
+  unreadable: list[OSError] = []
+  if '://' in folder:  # gs:// and other stores: no symbolic links there.
+    files = [os.path.join(root, name) for root, _, names
+             in tf.io.gfile.walk(folder, onerror=unreadable.append)
+             for name in names]
+  else:
+    files = _walk_local(folder, unreadable.append)
+  _report_unreadable(folder, unreadable, on_unreadable)
+  files = sorted(f for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
   if not files:
-    raise ValueError(
+    raise DataError(
         f'data_dir={folder!r} holds no image files (searched recursively '
         f'for {", ".join(IMAGE_EXTENSIONS)}); point data_dir at the training '
         'images.')
   return files
+
+
+def _walk_local(folder: str, onerror) -> list[str]:
+  """Every file under a local folder, following links to unvisited folders."""
+  visited = {os.path.realpath(folder)}
+  files = []
+  for root, dirs, names in os.walk(folder, onerror=onerror, followlinks=True):
+    keep = []
+    # Real subfolders before links, so a folder keeps its own path.
+    for name in sorted(dirs, key=lambda d: (os.path.islink(
+        os.path.join(root, d)), d)):
+      path = os.path.join(root, name)
+      real = os.path.realpath(path)
+      if real not in visited:
+        visited.add(real)
+        keep.append(name)
+        continue
+      here = os.path.realpath(root)
+      kind = ('a symlink loop' if here == real or here.startswith(real + os.sep)
+              else 'a second path to the same folder')
+      logging.warning(
+          'Image folder %s: not following %s -> %s, %s; its images are '
+          'listed once. Remove the link to silence this warning.',
+          folder, path, real, kind)
+    dirs[:] = keep
+    files.extend(os.path.join(root, name) for name in names)
+  return files
+
+
+def _report_unreadable(folder: str, failures: list[OSError],
+                       on_unreadable: str) -> None:
+  """Unreadable folders: an error for the top one or in error mode, else a
+  warning naming them."""
+  if not failures:
+    return
+  first = failures[0]
+  names = [getattr(e, 'filename', None) or folder for e in failures]
+  path = names[0]
+  why = getattr(first, 'strerror', None) or str(first)
+  if os.path.normpath(path) == os.path.normpath(folder):
+    raise DataError(f'Cannot read data_dir={folder!r} ({why}); fix its '
+                    'permissions or point data_dir at a readable folder.')
+  paths = ', '.join(str(name) for name in names[:5])
+  more = f' and {len(failures) - 5} more' if len(failures) > 5 else ''
+  if on_unreadable == 'error':
+    raise DataError(
+        f'Cannot read {len(failures)} subfolder(s) of data_dir={folder!r}: '
+        f'{paths}{more} ({why}); fix their permissions (e.g. chmod -R u+rX '
+        f'{path}), move them out of data_dir, or set '
+        '--config.on_corrupt_image=skip to train without their images.')
+  logging.warning(
+      'Image folder %s: cannot read %d subfolder(s), their images are left '
+      'out: %s%s (%s). Fix their permissions (e.g. chmod -R u+rX %s), or set '
+      '--config.on_corrupt_image=error to stop on this.',
+      folder, len(failures), paths, more, why, path)
 
 
 class _FileDecoder:
@@ -358,7 +476,7 @@ class _FileDecoder:
   def __init__(self, files: list[str], on_corrupt: str):
     self.files = files
     self.on_corrupt = on_corrupt
-    self.error: ValueError | None = None
+    self.error: DataError | None = None
     self._corrupt: set[str] = set()
     self._lock = threading.Lock()  # tf.data decodes on several threads.
 
@@ -398,9 +516,9 @@ class _FileDecoder:
       logging.warning('Skipping corrupt image file %s (%s); %d skipped so far.',
                       path, error, count)
 
-  def _error(self, message: str) -> ValueError:
+  def _error(self, message: str) -> 'DataError':
     # Kept so the caller can raise it instead of TF's wrapped copy.
-    self.error = ValueError(message)
+    self.error = DataError(message)
     return self.error
 
 
@@ -419,7 +537,7 @@ def _decode_file(path: str) -> np.ndarray:
 
 @contextlib.contextmanager
 def _decode_errors(decoder: '_FileDecoder | None'):
-  """Raises a decoder's clear ValueError instead of TF's wrapped copy."""
+  """Raises a decoder's clear DataError instead of TF's wrapped copy."""
   try:
     yield
   except tf.errors.OpError:

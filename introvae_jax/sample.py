@@ -3,19 +3,19 @@
   python -m introvae_jax.sample --workdir=runs/default --num=64 --out=samples/
 
 Loads `<workdir>/config.json` and the newest checkpoint (or `--step`), and
-writes PNG grids plus one PNG per prior sample under `--out`.
+writes PNG grids plus one PNG per prior sample under `--out` (local or
+gs://). A converted checkpoint's workdir (`introvae_jax.convert`) works the
+same. Flags, the workdir and the `--images` folder are checked before any
+model work; a mistake is one line on stderr, exit status 2.
 """
 
 import os
 
-from absl import app
 from absl import flags
-import jax
-import numpy as np
+from etils import epath
 
-from introvae_jax import checkpointing
-from introvae_jax import input_pipeline
-from introvae_jax import sampling
+from introvae_jax import cli
+from introvae_jax import errors
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir.')
 _OUT = flags.DEFINE_string('out', None, 'Output folder (default <workdir>/samples).')
@@ -30,14 +30,68 @@ _BN = flags.DEFINE_enum('batch_norm', 'batch', ['batch', 'running'],
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: newest).')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the prior noise.')
 flags.mark_flag_as_required('workdir')
+flags.register_validator('num', lambda n: n >= 1,
+                         '--num must be >= 1 (images to sample and reconstruct)')
+flags.register_validator(
+    'interpolation_steps', lambda n: n >= 2,
+    '--interpolation_steps must be >= 2 (both end points are included)')
+flags.register_validator('temperature', lambda t: t >= 0,
+                         '--temperature must be >= 0 (the prior std multiplier)')
+flags.register_validator('step', lambda s: s is None or s >= 0,
+                         '--step must be >= 0')
+
+
+def check_arguments(num: int, interpolation_steps: int) -> None:
+  """The flag checks, for callers of `generate` that bypass the flags."""
+  if num < 1:
+    raise errors.UserError(f'num={num}: sample at least 1 image (--num>=1).')
+  if interpolation_steps < 2:
+    raise errors.UserError(f'interpolation_steps={interpolation_steps}: an '
+                           'interpolation needs >= 2 images (its end points).')
+
+
+def _check_images(folder: str) -> None:
+  """DataError naming `folder` if it is missing or holds no images."""
+  from introvae_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  input_pipeline.list_images(folder)
+
+
+def _check_writable(out: str) -> None:
+  try:
+    epath.Path(out).mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise errors.UserError(f'Cannot create --out={out} ({e.strerror or e}); '
+                           'pass a folder you can write to.') from e
 
 
 def generate(workdir, out, *, num=64, temperature=1.0, images=None,
              interpolation_steps=8, use_running_average=False, step=None,
              seed=0):
   """Writes samples.png, samples/NNNN.png, reconstructions.png and
-  interpolation_{linear,slerp}.png under `out`; returns their paths."""
+  interpolation_{linear,slerp}.png under `out`; returns their paths.
+
+  Raises `errors.UserError` (before any sampling) for a bad argument, a
+  missing or empty workdir, or an `images` folder without images.
+  """
+  # Imported here, after the flags are checked: TensorFlow (the input
+  # pipeline) takes ~10 s to import, so a bad --workdir is reported first
+  # unless there is an --images folder to check before the checkpoint loads.
+  import jax
+  import numpy as np
+
+  from introvae_jax import checkpointing
+  from introvae_jax import sampling
+
+  check_arguments(num, interpolation_steps)
+  if images:
+    _check_images(images)
   config, state = checkpointing.load_run(workdir, step)
+  from introvae_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  source = config
+  if images:
+    source = config.copy_and_resolve_references()
+    source.dataset, source.data_dir, source.eval_split_fraction = 'folder', images, 0.0
+  _check_writable(out)
   bn = dict(use_running_average=use_running_average)
   written = []
 
@@ -46,17 +100,13 @@ def generate(workdir, out, *, num=64, temperature=1.0, images=None,
     sampling.save_png(path, grid)
     written.append(path)
 
+  reals = input_pipeline.eval_images(source, num)
   fakes = np.asarray(sampling.sample(state, jax.random.PRNGKey(seed), num,
                                      config, temperature, **bn))
   save('samples.png', sampling.image_grid(fakes))
   for i, img in enumerate(fakes):
     save(os.path.join('samples', f'{i:04d}.png'), sampling.image_grid(img[None]))
 
-  source = config
-  if images:
-    source = config.copy_and_resolve_references()
-    source.dataset, source.data_dir, source.eval_split_fraction = 'folder', images, 0.0
-  reals = input_pipeline.eval_images(source, num)
   recs = np.asarray(sampling.reconstruct(state, reals, config, **bn))
   pairs = np.stack([reals, recs], 1).reshape((-1,) + reals.shape[1:])
   save('reconstructions.png', sampling.image_grid(pairs, ncol=16))
@@ -72,6 +122,7 @@ def generate(workdir, out, *, num=64, temperature=1.0, images=None,
 
 def main(argv):
   del argv
+  from introvae_jax import checkpointing  # pylint: disable=g-import-not-at-top
   checkpointing.quiet_orbax_logs()
   out = _OUT.value or os.path.join(_WORKDIR.value, 'samples')
   for path in generate(_WORKDIR.value, out, num=_NUM.value,
@@ -84,4 +135,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

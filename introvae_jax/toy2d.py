@@ -25,19 +25,23 @@ s is 1 for 8 Gaussians and 2 for the others, as in the reference.
 """
 
 import functools
+import io
 import json
 import os
 import time
 from typing import Callable, Dict, Optional, Tuple
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from introvae_jax import errors
 from introvae_jax import losses
 from introvae_jax import models
 from introvae_jax import step as step_lib
+from introvae_jax import workdir as workdir_lib
 from introvae_jax.configuration import base_config
 
 DATASETS = ('8gaussians', '2spirals', 'checkerboard', 'rings')
@@ -60,7 +64,7 @@ def canonical_name(dataset: str) -> str:
   """'8Gaussians' (the reference's spelling) -> '8gaussians', checked."""
   name = dataset.lower()
   if name not in DATASETS:
-    raise ValueError(f'dataset={dataset!r}; use one of {DATASETS}.')
+    raise errors.ConfigError(f'dataset={dataset!r}; use one of {DATASETS}.')
   return name
 
 
@@ -319,11 +323,17 @@ def _chunk_fn(config: ml_collections.FrozenConfigDict, num_steps: int):
   return jax.jit(run, donate_argnums=(0,))
 
 
+def check_config(config) -> None:
+  """Raises ConfigError unless `config` is a 2-D toy config."""
+  if config.arch != 'mlp' or config.data_dim != 2:
+    raise errors.ConfigError(
+        f"The toy suite needs arch='mlp' and data_dim=2, got "
+        f'arch={config.arch!r}, data_dim={config.data_dim}.')
+
+
 def train(config, log: Optional[Callable[[str], None]] = print):
   """Trains from scratch; returns (state, [(step, chunk-mean metrics)])."""
-  if config.arch != 'mlp' or config.data_dim != 2:
-    raise ValueError(f"The toy suite needs arch='mlp' and data_dim=2, got "
-                     f'arch={config.arch!r}, data_dim={config.data_dim}.')
+  check_config(config)
   rng = jax.random.PRNGKey(config.seed)
   state = step_lib.create_train_state(config, rng)
   data_key = jax.random.fold_in(rng, 1)
@@ -359,7 +369,7 @@ def save_plots(arrays, dataset: str, workdir: str) -> Dict[str, str]:
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
 
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   lim = 2.0 * grid_scale(dataset)
   paths = {'samples': os.path.join(workdir, f'{dataset}_samples.png'),
            'density': os.path.join(workdir, f'{dataset}_density.png')}
@@ -381,15 +391,22 @@ def save_plots(arrays, dataset: str, workdir: str) -> Dict[str, str]:
     ax.set_ylim(-lim, lim)
     ax.set_aspect('equal')
     ax.set_axis_off()
-  fig.savefig(paths['samples'], bbox_inches='tight', dpi=80)
-  plt.close(fig)
+  _save_figure(fig, paths['samples'], dpi=80)
 
   fig, ax = plt.subplots(figsize=(5, 5))
   density(ax)
   ax.set_axis_off()
-  fig.savefig(paths['density'], bbox_inches='tight', dpi=100)
-  plt.close(fig)
+  _save_figure(fig, paths['density'], dpi=100)
   return paths
+
+
+def _save_figure(fig, path: str, dpi: int) -> None:
+  """PNG to a local or gs:// path."""
+  import matplotlib.pyplot as plt
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format='png', bbox_inches='tight', dpi=dpi)
+  plt.close(fig)
+  epath.Path(path).write_bytes(buffer.getvalue())
 
 
 def format_table(rows) -> str:
@@ -404,6 +421,7 @@ def format_table(rows) -> str:
 
 def run(config, workdir: str, log=print) -> Dict[str, float]:
   """Trains, evaluates, writes plots and results.json; returns the metrics."""
+  workdir_lib.prepare(workdir)  # before training, not after it
   start = time.time()
   state, _ = train(config, log=log)
   train_s = time.time() - start
@@ -411,9 +429,10 @@ def run(config, workdir: str, log=print) -> Dict[str, float]:
   metrics['train_seconds'] = train_s
   metrics['eval_seconds'] = time.time() - start - train_s
   paths = save_plots(arrays, config.toy.dataset, workdir)
-  with open(os.path.join(workdir, f'{config.toy.dataset}_results.json'), 'w') as f:
-    json.dump(dict(metrics, steps=config.num_train_steps,
-                   config=json.loads(config.to_json_best_effort())), f, indent=2)
+  epath.Path(workdir, f'{config.toy.dataset}_results.json').write_text(
+      json.dumps(dict(metrics, steps=config.num_train_steps,
+                      config=json.loads(config.to_json_best_effort())),
+                 indent=2))
   if log is not None:
     log(format_table([(config.toy.dataset, metrics)]))
     log(f'train {train_s:.0f} s, eval {metrics["eval_seconds"]:.0f} s; '
@@ -422,23 +441,24 @@ def run(config, workdir: str, log=print) -> Dict[str, float]:
 
 
 def main(argv):
-  from absl import app
   from absl import flags
-
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  del argv
   f = flags.FLAGS
   if f.config is not None:
     config = f.config
+    if 'toy' not in config:
+      raise errors.ConfigError('--config is not a toy2d config (it has no '
+                             'toy fields); use configs/toy2d.py:<dataset>.')
     if f['dataset'].present and canonical_name(f.dataset) != config.toy.dataset:
-      raise app.UsageError(f'--dataset={f.dataset} disagrees with the config '
-                           f'({config.toy.dataset}); pass one of them.')
+      raise errors.UserError(f'--dataset={f.dataset} disagrees with the config '
+                             f'({config.toy.dataset}); pass one of them.')
   else:
     config = toy_config(f.dataset)
   if f.num_steps is not None:
     config.num_train_steps = f.num_steps
   if f.seed is not None:
     config.seed = f.seed
+  check_config(config)  # before run() creates the workdir
   workdir = f.workdir or os.path.join('toy2d_runs', config.toy.dataset)
   run(config, workdir)
 
@@ -447,7 +467,11 @@ def _define_flags():
   from absl import flags
   from ml_collections import config_flags
   flags.DEFINE_string('dataset', '8gaussians', f'One of {DATASETS}.')
-  flags.DEFINE_integer('num_steps', None, 'Iterations (default: the config, 30,000).')
+  flags.register_validator(
+      'dataset', lambda name: name.lower() in DATASETS,
+      f'--dataset must be one of {", ".join(DATASETS)}')
+  flags.DEFINE_integer('num_steps', None, 'Iterations (default: the config, '
+                       '30,000).', lower_bound=1)
   flags.DEFINE_integer('seed', None, 'Random seed (default: the config).')
   flags.DEFINE_string('workdir', None, 'Folder for plots and results.json '
                       '(default: toy2d_runs/<dataset>).')
@@ -456,6 +480,6 @@ def _define_flags():
 
 
 if __name__ == '__main__':
-  from absl import app
+  from introvae_jax import cli
   _define_flags()
-  app.run(main)
+  cli.run(main)

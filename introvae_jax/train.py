@@ -11,11 +11,9 @@ events and images, and every process takes part in each checkpoint.
 """
 
 import contextlib
-import math
 import os
 import signal
 import sys
-import time
 from typing import Dict, List, Tuple
 
 from absl import logging
@@ -24,7 +22,7 @@ from clu import periodic_actions
 import jax
 import numpy as np
 from tensorboard.compat.proto import event_pb2
-from tensorboard.summary.writer.event_file_writer import EventFileWriter
+import tensorflow as tf
 import tqdm
 
 from introvae_jax import checkpointing
@@ -145,23 +143,36 @@ def _write_config(config, workdir, start: int, changes) -> None:
   path.write_text(config.to_json_best_effort(indent=2))
 
 
-def _mark_restart(workdir, step: int) -> None:
-  """Tells TensorBoard that the run restarts at `step`.
+def _drop_orphaned_events(workdir, start: int) -> None:
+  """Removes the events of steps after `start` from the run's event files.
 
-  A SessionLog.START event at `step` makes TensorBoard's reader drop the
-  values of steps >= `step` that earlier event files hold (written after the
-  last checkpoint by a run that was then killed), so each step keeps exactly
-  one value: the resumed run's.
+  A run killed after its last checkpoint (step `start`) has logged steps
+  that the resumed run logs again (with the same values: resuming is exact).
+  Dropping the first copies keeps one value per step for every reader
+  (TensorBoard, tbparse, pandas). Each file is rewritten to a temporary name
+  that no reader looks at, then renamed over the original, so a crash at
+  any point leaves either version, and the next resume finishes the job.
   """
-  marker = EventFileWriter(str(workdir_lib.path(workdir)),
-                           filename_suffix='.restart')
-  marker.add_event(event_pb2.Event(
-      wall_time=time.time(), step=step,
-      session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
-  marker.close()
-  # Event files are read in name order, and names start with the second they
-  # were opened: the writer opened next must sort after this marker.
-  time.sleep(max(0.0, math.floor(time.time()) + 1.01 - time.time()))
+  pattern = str(workdir_lib.path(workdir, 'events.out.tfevents.*'))
+  for number, name in enumerate(sorted(tf.io.gfile.glob(pattern))):
+    kept, dropped = [], 0
+    try:
+      for record in tf.data.TFRecordDataset(name).as_numpy_iterator():
+        if event_pb2.Event.FromString(record).step > start:
+          dropped += 1
+        else:
+          kept.append(record)
+    except tf.errors.DataLossError:  # the last record, cut by a kill
+      dropped += 1
+    if not dropped:
+      continue
+    temporary = str(workdir_lib.path(workdir, f'.events-rewrite-{number}.tmp'))
+    with tf.io.TFRecordWriter(temporary) as out:
+      for record in kept:
+        out.write(record)
+    tf.io.gfile.rename(temporary, name, overwrite=True)
+    logging.info('Dropped %d events after step %d from %s (logged after the '
+                 'last checkpoint by an interrupted run).', dropped, start, name)
 
 
 def _write_images(writer, workdir, step, state, reals, z_fixed, config):
@@ -211,12 +222,14 @@ def train_and_evaluate(config, workdir: str) -> step_lib.TrainState:
   lock = (workdir_lib.RunLock(workdir) if jax.process_index() == 0
           else contextlib.nullcontext())
   with lock:
-    return _train(config, workdir)
+    manager = checkpointing.make_manager(workdir,
+                                         max_to_keep=config.max_to_keep)
+    with checkpointing.disk_full_is_a_user_error(manager):
+      return _train(config, workdir, manager)
 
 
-def _train(config, workdir: str) -> step_lib.TrainState:
+def _train(config, workdir: str, manager) -> step_lib.TrainState:
   is_host0 = jax.process_index() == 0
-  manager = checkpointing.make_manager(workdir, max_to_keep=config.max_to_keep)
   changes = _resume_identity(config, workdir, bool(manager.all_steps()))
   state = checkpointing.restore(manager, config, move_damaged=is_host0)
   if state is None:
@@ -228,7 +241,7 @@ def _train(config, workdir: str) -> step_lib.TrainState:
   if is_host0:
     _write_config(config, workdir, start, changes)
     if start:
-      _mark_restart(workdir, start + 1)
+      _drop_orphaned_events(workdir, start)
   writer = metric_writers.create_default_writer(
       str(workdir_lib.path(workdir)), just_logging=not is_host0)
 

@@ -218,6 +218,7 @@ def test_command_line_import_then_export(tmp_path):
       check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'reference_layout=True' in proc.stdout
+  assert os.path.exists(os.path.join(workdir, 'config.json'))
 
   # Restored through the training loop's own path.
   state = checkpointing.latest_state(workdir, config)
@@ -237,3 +238,55 @@ def test_command_line_import_then_export(tmp_path):
   for k, v in model.state_dict().items():
     if 'num_batches' not in k:
       assert torch.equal(back[k], v), k
+
+
+def _png_folder(path, count=2, size=8):
+  from PIL import Image
+  os.makedirs(path)
+  for i in range(count):
+    Image.fromarray(np.full((size, size, 3), 60 * i, np.uint8)).save(
+        os.path.join(path, f'{i}.png'))
+  return str(path)
+
+
+def test_converted_workdir_opens_like_a_trained_one(tmp_path):
+  """convert wrote no config.json, so `sample --workdir=<out>` failed."""
+  from introvae_jax import configuration
+  from introvae_jax import sample as sample_cli
+  config = small_config(image_size=8, channels=(4,), hdim=4)
+  pth = str(tmp_path / 'ref.pth')
+  save_as_the_reference_does(random_reference_model(config), pth)
+  workdir = str(tmp_path / 'converted')
+  convert.convert_reference(pth, workdir)  # model fields off the file
+  saved = configuration.load_json(os.path.join(workdir, 'config.json'))
+  assert (saved.image_size, saved.channels, saved.hdim, saved.image_channels,
+          saved.m_plus) == (8, (4,), 4, 3, 120.0)
+  out = str(tmp_path / 'samples')
+  written = sample_cli.generate(workdir, out, num=2, interpolation_steps=2,
+                                images=_png_folder(tmp_path / 'images'))
+  assert {'samples.png', 'reconstructions.png', 'interpolation_slerp.png'} <= {
+      os.path.basename(p) for p in written}
+  # With --config, its recipe fields are what config.json keeps.
+  convert.convert_reference(pth, str(tmp_path / 'recipe'), config)
+  saved = configuration.load_json(str(tmp_path / 'recipe' / 'config.json'))
+  assert (saved.m_plus, saved.weight_rec, saved.lr_g) == (1000.0, 0.3, 3e-4)
+
+
+def test_bad_reference_files_are_named_before_anything_is_written(tmp_path):
+  from introvae_jax import errors
+  out = str(tmp_path / 'out')
+  with pytest.raises(errors.UserError, match=(
+      f'No file at --torch_checkpoint={tmp_path}/none.pth')):
+    convert.convert_reference(str(tmp_path / 'none.pth'), out)
+  garbage = tmp_path / 'cut.pth'
+  garbage.write_bytes(b'PK\x03\x04 truncated')
+  with pytest.raises(errors.UserError,
+                     match=f'{garbage} is not a readable PyTorch checkpoint'):
+    convert.convert_reference(str(garbage), out)
+  torch.save({'weights': torch.zeros(2)}, str(tmp_path / 'other.pth'))
+  with pytest.raises(errors.UserError, match='other.pth: No encoder.main.res_in_'):
+    convert.convert_reference(str(tmp_path / 'other.pth'), out)
+  assert not os.path.exists(out)
+  os.makedirs(os.path.join(out, 'checkpoints', '0'))
+  with pytest.raises(errors.WorkdirError, match='already holds checkpoints'):
+    convert.convert_reference(str(tmp_path / 'none.pth'), out)

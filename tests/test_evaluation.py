@@ -374,3 +374,64 @@ def test_evaluate_workdir(tmp_path):
   assert any('Skipping FID' in line for line in lines)
   with open(path) as f:
     assert json.load(f)['step'] == 3
+
+
+# --------------------------------------------------------------------------
+# Damaged and missing files.
+
+
+def test_damaged_files_are_named_with_the_fix(tmp_path):
+  """A non-zip .npz used to fail with numpy's 'allow_pickle' message."""
+  garbage = tmp_path / 'stats.npz'
+  garbage.write_bytes(b'\x93NUMPY not a zip archive')
+  with pytest.raises(evaluation.BadFileError, match=(
+      f'{garbage} is not an .npz archive, so not a statistics file.*'
+      'delete it')) as error:
+    evaluation.load_statistics(str(garbage))
+  assert 'allow_pickle' not in str(error.value)
+  good = tmp_path / 'good.npz'
+  evaluation.save_statistics(str(good), np.zeros(3), np.eye(3))
+  cut = tmp_path / 'cut.npz'
+  cut.write_bytes(good.read_bytes()[:100])
+  with pytest.raises(evaluation.BadFileError, match=f'{cut} is a damaged .npz'):
+    evaluation.load_statistics(str(cut))
+  with pytest.raises(FileNotFoundError, match='No statistics file'):
+    evaluation.load_statistics(str(tmp_path / 'none.npz'))
+  weights = tmp_path / 'clf.msgpack'
+  weights.write_bytes(b'\xc1 not msgpack')
+  with pytest.raises(evaluation.BadFileError, match=(
+      f'{weights} is not digit classifier weights .*delete it and train '
+      f'again: python -m introvae_jax.digit_classifier --out={weights}')):
+    digit_classifier.load(str(weights))
+
+
+def test_damaged_feature_cache_is_rebuilt(tmp_path, caplog):
+  """The cache is the program's own, so it is rebuilt rather than refused."""
+  import logging
+  features = np.random.RandomState(15).randn(10, 3)
+  path = tmp_path / 'fid_stats' / 'real.npz'
+  path.parent.mkdir()
+  path.write_bytes(b'half a file')
+  with caplog.at_level(logging.WARNING):
+    got = evaluation.cached_features(str(path), features, lambda x: x + 1)
+  np.testing.assert_array_equal(got, features + 1)
+  assert f'Rebuilding the feature cache {path}' in caplog.text
+  np.testing.assert_array_equal(evaluation.load_statistics(str(path))[0],
+                                (features + 1).mean(0))
+  assert os.listdir(path.parent) == ['real.npz']  # no partial file left
+
+
+def test_evaluate_workdir_checks_weights_before_the_run(tmp_path):
+  """A missing --inception file used to be reported after ~80 s of work."""
+  from introvae_jax import errors
+  no_run = str(tmp_path / 'no_run')  # never read: the checks come first
+  with pytest.raises(evaluation.MissingFileError,
+                     match=f'No InceptionV3 weights at {tmp_path}/none.pth'):
+    evaluation.evaluate_workdir(no_run,
+                                inception_path=str(tmp_path / 'none.pth'))
+  with pytest.raises(evaluation.MissingFileError, match=(
+      f'No digit classifier at {tmp_path}/none.msgpack')):
+    evaluation.evaluate_workdir(no_run,
+                                classifier_path=str(tmp_path / 'none.msgpack'))
+  with pytest.raises(errors.UserError, match='num_images=1: '):
+    evaluation.evaluate_workdir(no_run, num_images=1)

@@ -13,6 +13,7 @@ import os
 import numpy as np
 import pytest
 
+from introvae_jax import evaluation
 from introvae_jax import inception
 
 torch = pytest.importorskip('torch')
@@ -246,3 +247,51 @@ def test_matches_pytorch_fid():
     expected = model(torch.tensor(images.transpose(0, 3, 1, 2)))[0].flatten(1).numpy()
   np.testing.assert_allclose(inception.features(params, images), expected,
                              rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_damaged_weights_files_are_named(tmp_path, monkeypatch):
+  monkeypatch.setenv('INTROVAE_CACHE', str(tmp_path / 'cache'))
+  npz = tmp_path / 'weights.npz'
+  npz.write_bytes(b'\x93NUMPY not a zip')
+  with pytest.raises(evaluation.BadFileError,
+                     match=f'{npz} is not an .npz archive.*delete it'):
+    inception.load(str(npz))
+  stats = tmp_path / 'stats.npz'
+  np.savez(stats, mu=np.zeros(2), sigma=np.eye(2))
+  with pytest.raises(evaluation.BadFileError,
+                     match=f'{stats} holds no InceptionV3 weights'):
+    inception.load(str(stats))
+  pth = tmp_path / inception.WEIGHTS_FILE
+  pth.write_bytes(b'truncated download')
+  with pytest.raises(evaluation.BadFileError,
+                     match=f"{pth} is not pytorch-fid's InceptionV3 weights"):
+    inception.load(str(pth))
+
+
+def test_damaged_converted_cache_is_converted_again(tmp_path, monkeypatch,
+                                                    caplog):
+  """The .npz made from the .pth is the program's own cache: rebuilt."""
+  import logging
+  monkeypatch.setenv('INTROVAE_CACHE', str(tmp_path / 'cache'))
+  params = {'Mixed_7c.branch_pool': (np.ones((1, 1, 2, 2), np.float32),
+                                     np.zeros(2, np.float32))}
+  calls = []
+
+  def fake_convert(pth_path, npz_path):
+    calls.append(pth_path)
+    inception.save_npz(params, npz_path)
+    return params
+
+  monkeypatch.setattr(inception, 'convert', fake_convert)
+  pth = str(tmp_path / inception.WEIGHTS_FILE)
+  open(pth, 'wb').close()
+  inception.load(pth)
+  cached = tmp_path / 'cache' / (inception.WEIGHTS_FILE[:-4] + '.npz')
+  assert cached.exists() and len(calls) == 1
+  cached.write_bytes(cached.read_bytes()[:50])
+  inception.load.cache_clear()
+  with caplog.at_level(logging.WARNING):
+    loaded = inception.load(pth)
+  assert len(calls) == 2 and f'Converting {pth} again' in caplog.text
+  np.testing.assert_array_equal(loaded['Mixed_7c.branch_pool'][0],
+                                params['Mixed_7c.branch_pool'][0])

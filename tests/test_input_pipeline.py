@@ -2,6 +2,7 @@
 
 import logging
 import os
+import signal
 
 import jax
 import numpy as np
@@ -300,3 +301,99 @@ def test_bad_split_and_holdout_are_rejected(tfds_dir):
                    split='test')
   with pytest.raises(ValueError, match="split='test' is not a split"):
     input_pipeline.dataset_size(config)
+
+
+@pytest.fixture
+def no_hang():
+  """Fails a test that runs longer than 60 s instead of hanging the suite."""
+  def timeout(signum, frame):
+    raise TimeoutError('listing the folder did not finish in 60 s')
+  previous = signal.signal(signal.SIGALRM, timeout)
+  signal.alarm(60)
+  yield
+  signal.alarm(0)
+  signal.signal(signal.SIGALRM, previous)
+
+
+def test_symlink_loops_are_searched_once_and_named(tmp_path, caplog, no_hang):
+  """`ln -s . self` used to recurse without end (growing memory, no output)."""
+  _write(str(tmp_path / 'a.png'), np.zeros((4, 4)))
+  _write(str(tmp_path / 'sub' / 'b.png'), np.zeros((4, 4)))
+  os.symlink('.', tmp_path / 'self')
+  os.symlink('..', tmp_path / 'sub' / 'up')
+  os.symlink('sub', tmp_path / 'alias')  # a second path, not a loop
+  with caplog.at_level(logging.WARNING):
+    files = input_pipeline.list_images(str(tmp_path))
+  assert files == [str(tmp_path / 'a.png'), str(tmp_path / 'sub' / 'b.png')]
+  log = caplog.text
+  for link in ('self', os.path.join('sub', 'up')):
+    assert f'not following {tmp_path / link} -> {tmp_path}, a symlink loop' in log
+  assert f'{tmp_path / "alias"} -> {tmp_path / "sub"}, a second path' in log
+
+
+@pytest.fixture
+def unreadable_subfolder(tmp_path, monkeypatch):
+  """tmp_path/locked that cannot be listed, beside tmp_path/ok/1.png.
+
+  chmod 000 where it blocks reading; as root (where it does not) listing
+  the folder fails as it would: os.scandir raises PermissionError.
+  """
+  _write(str(tmp_path / 'ok' / '1.png'), np.zeros((4, 4)))
+  _write(str(tmp_path / 'locked' / '2.png'), np.zeros((4, 4)))
+  locked = str(tmp_path / 'locked')
+  os.chmod(locked, 0)
+  if os.access(locked, os.R_OK):  # root
+    scandir = os.scandir
+    def failing_scandir(path='.'):
+      if os.fspath(path) == locked:
+        raise PermissionError(13, 'Permission denied', locked)
+      return scandir(path)
+    monkeypatch.setattr(os, 'scandir', failing_scandir)
+  yield locked
+  os.chmod(locked, 0o755)
+
+
+def test_unreadable_subfolder_is_reported(tmp_path, unreadable_subfolder,
+                                          caplog):
+  with caplog.at_level(logging.WARNING):
+    files = input_pipeline.list_images(str(tmp_path))
+  assert files == [str(tmp_path / 'ok' / '1.png')]
+  assert (f'cannot read 1 subfolder(s), their images are left out: '
+          f'{unreadable_subfolder} (Permission denied)') in caplog.text
+  with pytest.raises(input_pipeline.DataError,
+                     match=f'Cannot read 1 subfolder.*{unreadable_subfolder}'):
+    input_pipeline.list_images(str(tmp_path), on_unreadable='error')
+  with pytest.raises(input_pipeline.DataError,
+                     match=f"Cannot read data_dir='{unreadable_subfolder}'"):
+    input_pipeline.list_images(unreadable_subfolder)
+
+
+def test_fewer_examples_than_one_batch_is_an_error(tmp_path, tfds_dir,
+                                                   monkeypatch):
+  """It used to train on, each batch repeating the few images."""
+  for i in range(3):
+    _write(str(tmp_path / f'{i}.png'), np.zeros((4, 4)))
+  config = _config(dataset='folder', data_dir=str(tmp_path), batch_size=4)
+  with pytest.raises(input_pipeline.DataError, match=(
+      f"data_dir='{tmp_path}' has 3 training images, fewer than one batch "
+      r'per host \(batch_size=4 // 1 host = 4\).*batch_size to 3 or less')):
+    input_pipeline.create_input_iter(config, num_local_devices=1)
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  config.batch_size = 8  # 4 per host, 3 per host's shard (6 images / 2 hosts)
+  for i in range(3, 6):
+    _write(str(tmp_path / f'{i}.png'), np.zeros((4, 4)))
+  with pytest.raises(input_pipeline.DataError, match=(
+      r'3 training images per host \(2 hosts\), fewer than one batch per '
+      r'host \(batch_size=8 // 2 hosts = 4\).*batch_size to 6 or less')):
+    input_pipeline.create_input_iter(config, num_local_devices=1)
+  monkeypatch.setattr(jax, 'process_count', lambda: 1)
+  for config, found in [
+      (_config(dataset='faces_offline', batch_size=128),
+       "dataset='faces_offline' has 100 training images"),
+      (_config(dataset='faces_offline', batch_size=96, eval_split_fraction=0.1),
+       'has 90 training images after holding out eval_split_fraction=0.1'),
+      (_config(dataset='input_pipeline_test_images', data_dir=tfds_dir,
+               batch_size=32),
+       "split='train' has 20 training images")]:
+    with pytest.raises(ValueError, match=found):
+      input_pipeline.create_input_iter(config, num_local_devices=1)

@@ -5,8 +5,10 @@ import os
 import jax
 import numpy as np
 from PIL import Image
+import pytest
 
-from introvae_jax import base_config, create_train_state, sampling
+from introvae_jax import base_config, create_train_state, errors, sampling
+from introvae_jax import input_pipeline
 from introvae_jax import sample as sample_cli
 from introvae_jax import train
 
@@ -68,3 +70,21 @@ def test_sample_cli_writes_grids_from_a_workdir(tmp_path):
   assert grid.shape == (3 * 8, 5 * 8)  # 3 pairs of the 6 images, 5 steps each
   recs = np.asarray(Image.open(os.path.join(out, 'reconstructions.png')))
   assert recs.shape == (8, 12 * 8)     # 6 (real, reconstruction) pairs in a row
+
+
+def test_generate_checks_arguments_and_files_before_loading(tmp_path):
+  """num=0 used to fail in image_grid (ZeroDivisionError), num=-1 in XLA."""
+  missing, out = str(tmp_path / 'no_run'), str(tmp_path / 'out')
+  with pytest.raises(errors.UserError, match=r'num=0: .*\(--num>=1\)'):
+    sample_cli.generate(missing, out, num=0)
+  with pytest.raises(errors.UserError, match='interpolation_steps=1: '):
+    sample_cli.generate(missing, out, interpolation_steps=1)
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  # The --images folder is checked before the (here missing) run loads.
+  with pytest.raises(input_pipeline.DataError,
+                     match=f"data_dir='{empty}' holds no image files"):
+    sample_cli.generate(missing, out, images=str(empty))
+  with pytest.raises(errors.WorkdirError, match='does not exist'):
+    sample_cli.generate(missing, out)
+  assert not os.path.exists(out)

@@ -254,3 +254,14 @@ def test_command_line(tmp_path):
     results = json.load(f)
   assert results['steps'] == 20 and np.isfinite(results['gnelbo'])
   assert os.path.exists(os.path.join(tmp_path, 'checkerboard_density.png'))
+
+
+def test_unwritable_workdir_is_refused_before_training(tmp_path, monkeypatch):
+  """It used to fail after the whole training, when the plots were saved."""
+  from introvae_jax import errors
+  (tmp_path / 'a_file').write_text('not a folder')
+  monkeypatch.setattr(toy2d, 'train',
+                      lambda *args, **kwargs: pytest.fail('trained first'))
+  with pytest.raises(errors.WorkdirError,
+                     match=f'Cannot write to --workdir={tmp_path}/a_file'):
+    toy2d.run(_tiny_config(), str(tmp_path / 'a_file'))

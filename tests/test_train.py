@@ -34,7 +34,7 @@ def test_main_end_to_end_and_kill9_resume_is_exact(tmp_path, cache_dir):
   flags = ['--config.log_every_steps=1', '--config.checkpoint_every_steps=2',
            '--config.image_every_steps=3']
   full = str(tmp_path / 'full')
-  run_main(full, 6, *flags)
+  run_main(cache_dir, full, 6, *flags)
 
   # The program's outputs.
   assert complete_steps(full) == [2, 4, 6]
@@ -62,7 +62,7 @@ def test_main_end_to_end_and_kill9_resume_is_exact(tmp_path, cache_dir):
   proc.wait()
   killed_at = complete_steps(resumed)
   assert killed_at, 'the run ended before its first checkpoint'
-  run_main(resumed, 6, *flags)
+  run_main(cache_dir, resumed, 6, *flags)
   again = scalars(resumed)
   for tag in ('loss_e', 'loss_g', 'kl_rec', 'kl_fake', 'grad_norm_g'):
     for step in range(killed_at[-1] + 1, 7):
@@ -139,7 +139,7 @@ def test_nonfinite_updates_are_skipped_and_counted(tmp_path):
 
 
 def test_unknown_config_field_fails_clearly(tmp_path, cache_dir):
-  proc = run_main(str(tmp_path / 'run'), 1, '--config.m_plu=3',
+  proc = run_main(cache_dir, str(tmp_path / 'run'), 1, '--config.m_plu=3',
                    check=False)
   assert proc.returncode != 0
   assert 'm_plu' in proc.stderr and 'm_plus' in proc.stderr

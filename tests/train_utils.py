@@ -17,6 +17,7 @@ import time
 
 import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.backend.event_processing import plugin_event_accumulator
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_FLAGS = ['--config.image_size=16', '--config.channels=(4,8)',
@@ -117,10 +118,12 @@ def start_main(cache_dir, workdir, steps, *extra, **popen):
                           env=env(cache_dir), text=True, **popen)
 
 
-def tensorboard_scalars(workdir):
-  """{tag: [(step, value), ...]} as TensorBoard's own reader reports the
-  whole workdir (every event file, in its order, orphaned steps purged)."""
-  acc = event_accumulator.EventAccumulator(workdir, size_guidance={'tensors': 0})
+def tensorboard_scalars(workdir, server=False):
+  """{tag: [(step, value), ...]} as TensorBoard's reader reports the whole
+  workdir: the legacy `event_accumulator`, or (`server`) the
+  `plugin_event_accumulator` that the TensorBoard server uses."""
+  module = plugin_event_accumulator if server else event_accumulator
+  acc = module.EventAccumulator(workdir, size_guidance={'tensors': 0})
   acc.Reload()
   out = {}
   for tag in acc.Tags()['tensors']:
