@@ -8,6 +8,7 @@ traceback; `--verbosity=1` (`-v 1`) prints the traceback as well. Other
 exceptions are bugs and keep their traceback.
 """
 
+import logging as std_logging
 import os
 import sys
 import traceback
@@ -37,6 +38,9 @@ def _clean(error: BaseException) -> str:
   while error.args and isinstance(error.args[0], BaseException):
     error = error.args[0]
   text = str(error.args[0]) if error.args else str(error)
+  if 'Traceback (most recent call last)' in text:  # a config file raised
+    head = text.split('Traceback')[0].strip()
+    text = f'{head} {text.strip().splitlines()[-1]}'
   return ' '.join(text.split())
 
 
@@ -78,10 +82,18 @@ def _parse_flags(argv: Sequence[str]):
   return remaining
 
 
+def _drop_backend_probe_lines(record) -> bool:
+  """JAX logs, at INFO, each platform it probes and does not find ("Unable
+  to initialize backend 'tpu'") on every CPU or GPU start: noise to a user."""
+  return 'Unable to initialize backend' not in record.getMessage()
+
+
 def run(main: Callable[[Sequence[str]], object]) -> None:
   """`absl.app.run(main)` with user errors reported as one line, exit 2."""
 
   def guarded(argv):
+    std_logging.getLogger('jax._src.xla_bridge').addFilter(
+        _drop_backend_probe_lines)
     if len(argv) > 1:
       exit_with_error(f'unexpected arguments {argv[1:]}; every option is a '
                       '--flag=value.')

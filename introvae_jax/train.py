@@ -19,6 +19,7 @@ from typing import Dict, List, Tuple
 from absl import logging
 from clu import metric_writers
 from clu import periodic_actions
+from etils import epath
 import jax
 import numpy as np
 from tensorboard.compat.proto import event_pb2
@@ -228,15 +229,28 @@ def train_and_evaluate(config, workdir: str) -> step_lib.TrainState:
       return _train(config, workdir, manager)
 
 
+def _check_weight_files(config) -> None:
+  """Named evaluation weights must exist before any heavy work starts."""
+  for field, what in (('fid_weights', "pytorch-fid's InceptionV3 .pth"),
+                      ('digit_classifier', 'the digit classifier weights')):
+    if config[field] and not epath.Path(config[field]).exists():
+      raise configuration.ConfigError(
+          f'{field}={config[field]!r}: no such file; give the path of {what}, '
+          f'or --config.{field}= to skip those metrics.')
+
+
 def _train(config, workdir: str, manager) -> step_lib.TrainState:
   is_host0 = jax.process_index() == 0
   changes = _resume_identity(config, workdir, bool(manager.all_steps()))
+  if config.eval_every_steps:
+    _check_weight_files(config)
   state = checkpointing.restore(manager, config, move_damaged=is_host0)
+  start = 0 if state is None else int(jax.device_get(state.step))
+  data = input_pipeline.create_input_iter(config, start_step=start)
   if state is None:
     state = step_lib.create_train_state(config, jax.random.PRNGKey(config.seed))
   else:
-    logging.info('Resuming from step %d.', int(state.step))
-  start = int(jax.device_get(state.step))
+    logging.info('Resuming from step %d.', start)
   last_good = manager.latest_step()
   if is_host0:
     _write_config(config, workdir, start, changes)
@@ -251,7 +265,6 @@ def _train(config, workdir: str, manager) -> step_lib.TrainState:
   # Images and evaluation are local work for host 0's writer only.
   evaluate = (_make_evaluator(config, writer)
               if config.eval_every_steps and is_host0 else None)
-  data = input_pipeline.create_input_iter(config, start_step=start)
   p_step = step_lib.make_train_step(config, pmap=True)
   p_state = step_lib.replicate(state)
   del state
