@@ -117,13 +117,19 @@ class _StopSignals:
       signal.signal(signum, previous)
 
 
-def _resume_identity(config, workdir, has_checkpoints: bool):
+def _resume_identity(config, workdir, latest_step):
   """Checks the config against the run's stored config.json (before anything
-  is written) and returns the identity changes `allow_changes` permits."""
+  is written) and returns the identity changes to record.
+
+  A step-0 checkpoint (`introvae_jax.convert`'s import of the authors'
+  weights) has trained nothing yet: any recipe may start from it.
+  """
   path = workdir_lib.path(workdir, checkpointing.CONFIG_NAME)
-  if not (has_checkpoints and path.exists()):
+  if latest_step is None or not path.exists():
     return []
   stored = configuration.read_json(str(path))
+  if latest_step == 0:
+    return configuration.identity_changes(stored, config)
   return configuration.check_resume(stored, config, f'--workdir={workdir}')
 
 
@@ -138,9 +144,9 @@ def _write_config(config, workdir, start: int, changes) -> None:
       kept, n = workdir_lib.path(workdir, f'config.{start}.{n}.json'), n + 1
     kept.write_text(path.read_text())
     for name, old, new in changes:
-      logging.warning('Resuming at step %d with %s changed from %r to %r '
-                      '(allowed by allow_changes); the previous config is '
-                      'kept as %s.', start, name, old, new, kept.name)
+      logging.warning('Resuming at step %d with %s changed from %r to %r; '
+                      'the previous config is kept as %s.', start, name, old,
+                      new, kept.name)
   path.write_text(config.to_json_best_effort(indent=2))
 
 
@@ -241,7 +247,7 @@ def _check_weight_files(config) -> None:
 
 def _train(config, workdir: str, manager) -> step_lib.TrainState:
   is_host0 = jax.process_index() == 0
-  changes = _resume_identity(config, workdir, bool(manager.all_steps()))
+  changes = _resume_identity(config, workdir, manager.latest_step())
   if config.eval_every_steps:
     _check_weight_files(config)
   state = checkpointing.restore(manager, config, move_damaged=is_host0)

@@ -33,7 +33,7 @@ from conftest import REPO_ROOT, assert_trees_close, tiny_batch, tiny_config
 import introvae_jax
 from introvae_jax import checkpointing, sampling, train
 from test_pmap import config_for  # its margin splits the 4 devices' shards
-from test_train import _tiny_config  # configs/default.py, tiny
+from train_utils import tiny_config as default_tiny_config  # configs/default.py, tiny
 
 PROCESSES = 2
 LOCAL_DEVICES = 2
@@ -181,7 +181,7 @@ def _step_worker(port, process_id, out_dir):
 def _train_worker(port, process_id, workdir):
   """train_and_evaluate with --config.distributed, then a restore."""
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # default
-  config = _tiny_config(
+  config = default_tiny_config(
       image_size=8, channels=(4,), num_train_steps=STEPS, log_every_steps=1,
       checkpoint_every_steps=STEPS, image_every_steps=STEPS, distributed=True,
       coordinator_address=f'localhost:{port}', num_processes=PROCESSES,
