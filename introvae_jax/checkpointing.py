@@ -190,6 +190,19 @@ def _restore_step(manager, step: int, target) -> step_lib.TrainState:
         f'step {step}: reading it failed ({_first_line(e)})') from e
 
 
+def check_model(manager: ocp.CheckpointManager, config) -> None:
+  """Refuses (IncompatibleCheckpointError) a workdir whose newest readable
+  checkpoint holds another model; reads metadata only, writes nothing."""
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      metadata = manager.item_metadata(step)
+    except Exception:  # pylint: disable=broad-except  (damaged: restore says)
+      continue
+    if metadata is not None:
+      check_compatible(manager, step, metadata, abstract_state(config))
+      return
+
+
 def _move_aside(manager, step: int) -> epath.Path:
   """Moves a damaged step out of the manager's folder (never deletes it)."""
   source = epath.Path(manager.directory) / str(step)

@@ -247,6 +247,7 @@ def _check_weight_files(config) -> None:
 
 def _train(config, workdir: str, manager) -> step_lib.TrainState:
   is_host0 = jax.process_index() == 0
+  checkpointing.check_model(manager, config)  # another model: say so first
   changes = _resume_identity(config, workdir, manager.latest_step())
   if config.eval_every_steps:
     _check_weight_files(config)

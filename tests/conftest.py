@@ -70,9 +70,9 @@ def initial_state(arch='conv', seed=0):
   return _initial_state(arch, seed)
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def cache_dir(tmp_path_factory):
-  """One persistent compilation cache for this module and its children."""
+  """One persistent compilation cache for the session and its children."""
   path = str(tmp_path_factory.mktemp('xla_cache'))
   saved = {k: getattr(jax.config, k) for k in (
       'jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs')}

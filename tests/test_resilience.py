@@ -285,15 +285,29 @@ def test_float64_without_x64_is_refused_in_the_library():
     configuration.validate(tiny_config(dtype='float64'))
 
 
-def test_main_enables_x64_for_float64(tmp_path, cache_dir):
-  workdir = str(tmp_path / 'run')
-  proc = run_main(cache_dir, workdir, 1, '--config.dtype=float64',
-                  '--config.image_every_steps=1000', '--config.eval_every_steps=0')
-  assert 'Explicitly requested dtype' not in proc.stderr  # JAX's x64 warning
-  metadata = checkpointing.make_manager(workdir, read_only=True).item_metadata(1)
-  params = [leaf.dtype for leaf in
-            jax.tree_util.tree_leaves(metadata.tree['params_e'])]
-  assert params and all(d == np.float64 for d in params), params
+def test_main_enables_x64_for_float64(tmp_path):
+  """main.py turns 64-bit JAX on before any array exists (checked by the
+  training call it makes: a fresh float array is float64, and the model's
+  parameters are)."""
+  snippet = textwrap.dedent("""
+      import sys
+      import jax, jax.numpy as jnp
+      from absl import app
+      import main
+      from introvae_jax import checkpointing, train
+      def fake_train(config, workdir):
+        state = checkpointing.abstract_state(config)
+        dtypes = {str(l.dtype) for l in jax.tree_util.tree_leaves(state.params_e)}
+        print('x64', jax.config.jax_enable_x64, jnp.zeros(1).dtype, sorted(dtypes))
+      train.train_and_evaluate = fake_train
+      app.run(main.main, argv=sys.argv)
+  """)
+  proc = subprocess.run(
+      [sys.executable, '-c', snippet] + main_cmd(str(tmp_path / 'run'), 1)[2:]
+      + ['--config.dtype=float64'], cwd=REPO, capture_output=True, text=True,
+      timeout=300, env=dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "x64 True float64 ['float64']" in proc.stdout, proc.stdout
 
 
 # --- a full disk -------------------------------------------------------------

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from introvae_jax import base_config, checkpointing, create_train_state, train
+from introvae_jax.errors import WorkdirError
 
 from train_utils import (REPO, SCALAR_TAGS, complete_steps,
                          dir_digest, env, main_cmd, run_main, scalars,
@@ -151,7 +152,7 @@ def test_unknown_config_field_fails_clearly(tmp_path, cache_dir):
 def test_unwritable_workdir_fails_clearly(tmp_path):
   blocker = tmp_path / 'a_file'
   blocker.write_text('not a directory')
-  with pytest.raises(PermissionError, match='Cannot write to --workdir'):
+  with pytest.raises(WorkdirError, match='Cannot write to --workdir'):
     train.train_and_evaluate(tiny_config(), str(blocker / 'run'))
 
 
