@@ -109,15 +109,8 @@ def save(manager: ocp.CheckpointManager, state: step_lib.TrainState,
   process of several (such as pmap's).
   """
   state = jax.device_get(state)
-  with disk_full_is_a_user_error(manager):
-    return manager.save(int(state.step), args=ocp.args.StandardSave(state),
-                        force=force)
-
-
-def wait_until_finished(manager: ocp.CheckpointManager) -> None:
-  """Waits for an asynchronous save (a full disk is a WorkdirError)."""
-  with disk_full_is_a_user_error(manager):
-    manager.wait_until_finished()
+  return manager.save(int(state.step), args=ocp.args.StandardSave(state),
+                      force=force)
 
 
 def _key_name(entry) -> str:
@@ -167,9 +160,8 @@ def _first_line(error: Exception, limit: int = 200) -> str:
   return text if len(text) <= limit else text[:limit] + '...'
 
 
-def _restore_step(manager, step: int, target) -> step_lib.TrainState:
-  """The state at `step`; IncompatibleCheckpointError for another model,
-  DamagedCheckpointError (naming what is wrong) for a broken checkpoint."""
+def _metadata(manager, step: int):
+  """The stored tree's metadata; DamagedCheckpointError if it is unreadable."""
   try:
     metadata = manager.item_metadata(step)
   except Exception as e:  # Orbax/TensorStore raise many types here.
@@ -178,7 +170,13 @@ def _restore_step(manager, step: int, target) -> step_lib.TrainState:
   if metadata is None:
     raise DamagedCheckpointError(
         f'step {step}: its metadata (default/_METADATA) is missing')
-  check_compatible(manager, step, metadata, target)
+  return metadata
+
+
+def _restore_step(manager, step: int, target) -> step_lib.TrainState:
+  """The state at `step`; IncompatibleCheckpointError for another model,
+  DamagedCheckpointError (naming what is wrong) for a broken checkpoint."""
+  check_compatible(manager, step, _metadata(manager, step), target)
   # Every process reads a whole copy onto its first local device.
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree_util.tree_map(
@@ -195,12 +193,11 @@ def check_model(manager: ocp.CheckpointManager, config) -> None:
   checkpoint holds another model; reads metadata only, writes nothing."""
   for step in sorted(manager.all_steps(), reverse=True):
     try:
-      metadata = manager.item_metadata(step)
-    except Exception:  # pylint: disable=broad-except  (damaged: restore says)
+      metadata = _metadata(manager, step)
+    except DamagedCheckpointError:  # `restore` names it
       continue
-    if metadata is not None:
-      check_compatible(manager, step, metadata, abstract_state(config))
-      return
+    check_compatible(manager, step, metadata, abstract_state(config))
+    return
 
 
 def _move_aside(manager, step: int) -> epath.Path:

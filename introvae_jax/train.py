@@ -329,7 +329,7 @@ def _train(config, workdir: str, manager) -> step_lib.TrainState:
   finally:
     bar.close()
     writer.flush()
-    checkpointing.wait_until_finished(manager)
+    manager.wait_until_finished()
   return step_lib.unreplicate(p_state)
 
 
