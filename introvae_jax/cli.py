@@ -1,5 +1,8 @@
 """Command-line entry points: a user's mistake is one line on stderr, exit 2.
 
+They also turn on JAX's persistent compilation cache (`cache`), so a rerun
+or a resume does not compile again.
+
 Every CLI of the package (and `main.py`) starts with `cli.run(main)` instead
 of `absl.app.run(main)`. Flag-parsing errors and `errors.UserError` (raised
 by library code with a message naming the flag or path and the fix) are
@@ -18,6 +21,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from introvae_jax import cache
 from introvae_jax.errors import UserError
 
 USAGE_EXIT_CODE = 2
@@ -97,6 +101,7 @@ def run(main: Callable[[Sequence[str]], object]) -> None:
     if len(argv) > 1:
       exit_with_error(f'unexpected arguments {argv[1:]}; every option is a '
                       '--flag=value.')
+    cache.enable_compilation_cache()
     try:
       return main(argv)
     except (UserError, app.UsageError) as e:

@@ -43,8 +43,7 @@ import numpy as np
 from scipy import linalg
 
 from introvae_jax import errors
-
-CACHE_ENV = 'INTROVAE_CACHE'
+from introvae_jax.cache import cache_dir  # noqa: F401  (also evaluation.cache_dir)
 
 
 class MissingFileError(errors.UserError, FileNotFoundError):
@@ -53,13 +52,6 @@ class MissingFileError(errors.UserError, FileNotFoundError):
 
 class BadFileError(errors.UserError, ValueError):
   """A weights or statistics file cannot be read or holds something else."""
-
-
-def cache_dir() -> str:
-  """Where weights and statistics are cached: $INTROVAE_CACHE or
-  ~/.cache/introvae_jax."""
-  return os.environ.get(CACHE_ENV) or os.path.join(
-      os.path.expanduser('~'), '.cache', 'introvae_jax')
 
 
 # --------------------------------------------------------------------------
@@ -490,8 +482,8 @@ def load_feature_weights(config, *, inception_path: Optional[str] = None,
 
   Files the caller names must load. The digit classifier serves
   mnist_offline runs; without `classifier_path` it is read from the default
-  cache path when there is one there, else the digit distances are skipped
-  (said through `log`). `config=None` loads only the named files.
+  cache path, trained there on first use (`digit_classifier.cached`).
+  `config=None` loads only the named files.
   """
   from introvae_jax import digit_classifier
   from introvae_jax import inception
@@ -504,12 +496,7 @@ def load_feature_weights(config, *, inception_path: Optional[str] = None,
   if config.dataset != 'mnist_offline':
     return params, None
   if classifier is None:
-    if epath.Path(digit_classifier.default_path()).exists():
-      classifier = digit_classifier.load()
-    elif log is not None:
-      log('Skipping the digit-feature distances: no digit classifier at '
-          f'{digit_classifier.default_path()}; train it once (about a '
-          'minute on a CPU) with python -m introvae_jax.digit_classifier')
+    classifier = digit_classifier.cached(log=log)
   return params, classifier
 
 
@@ -520,7 +507,7 @@ def feature_extractors_for(config, real_images, *,
 
   InceptionV3 (FID/KID) when `inception_path` is given, its real features
   cached under <cache>/fid_stats; the digit classifier for mnist_offline
-  when its weights exist (`load_feature_weights`). What is skipped is said
+  (`load_feature_weights`). What is skipped is said
   through `log`.
   """
   from introvae_jax import digit_classifier

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from introvae_jax import cache
 from introvae_jax import evaluation
 
 FEATURE_DIM = 2048
@@ -255,7 +256,7 @@ def load(path: str) -> Params:
         f'{WEIGHTS_FILE}, supplied by path (nothing is downloaded).')
   if path.endswith('.pth'):
     name = os.path.basename(path)[:-len('.pth')] + '.npz'
-    cached = os.path.join(evaluation.cache_dir(), name)
+    cached = os.path.join(cache.cache_dir(), name)
     if epath.Path(cached).exists():
       try:
         return jax.device_put(_params_from_npz(cached, 'it is rebuilt.'))

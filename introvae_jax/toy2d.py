@@ -18,6 +18,8 @@ Metrics (`evaluate`):
   densities (not the Jensen-Shannon divergence).
 - `jsd`: the textbook Jensen-Shannon divergence (nats, <= ln 2) between the
   two histograms as probability masses.
+- `modes_covered` (8 Gaussians): modes holding >= 1% of the generated points
+  within 3 sigma of their centre.
 - `gnelbo`: grid-normalised negative ELBO, per-point (KL + squared error)
   with z = mu, divided by its sum over a 1024x1024 grid on [-2s, 2s]^2 plus
   the real points, averaged over 12,800 real points (lower is better).
@@ -103,8 +105,27 @@ def grid_scale(dataset: str) -> float:
   return 1.0 if canonical_name(dataset) == '8gaussians' else 2.0
 
 
+# 8 Gaussians: modes on a circle of radius 2, std 0.02, all divided by 1.414.
+EIGHT_GAUSSIANS_STD = 0.02 / 1.414
+
+
+def eight_gaussians_centers() -> np.ndarray:
+  """The 8 mode centres [8, 2] of the 8 Gaussians data set."""
+  angle = np.arange(8) * (np.pi / 4)
+  return 2.0 * np.stack([np.cos(angle), np.sin(angle)], axis=1) / 1.414
+
+
+def modes_covered(points, centers, std: float, *, num_std: float = 3.0,
+                  min_fraction: float = 0.01) -> int:
+  """How many modes hold at least `min_fraction` of `points` within
+  `num_std` * `std` (Euclidean) of their centre."""
+  points = np.asarray(points, np.float64)
+  dist = np.linalg.norm(points[:, None, :] - np.asarray(centers)[None], axis=-1)
+  share = np.mean(dist <= num_std * std, axis=0)
+  return int(np.sum(share >= min_fraction))
+
+
 def _eight_gaussians(key, n):
-  # Modes on a circle of radius 2, std 0.02, everything divided by 1.414.
   k_mode, k_noise = jax.random.split(key)
   angle = jax.random.randint(k_mode, (n,), 0, 8) * (jnp.pi / 4)
   centers = 2.0 * jnp.stack([jnp.cos(angle), jnp.sin(angle)], axis=1)
@@ -254,7 +275,8 @@ def generate(state, key, num: int, config) -> np.ndarray:
 
 
 def evaluate(state, config, key) -> Tuple[Dict[str, float], Dict[str, np.ndarray]]:
-  """(metrics, arrays for plots): kl, jsd_reference, jsd, gnelbo."""
+  """(metrics, arrays for plots): kl, jsd_reference, jsd, gnelbo, and for
+  8 Gaussians modes_covered (of 8, by the 5,000 generated points)."""
   toy = config.toy
   scale = grid_scale(toy.dataset)
   k_real, k_fake, k_elbo, k_plot_r, k_plot_f = jax.random.split(key, 5)
@@ -266,6 +288,9 @@ def evaluate(state, config, key) -> Tuple[Dict[str, float], Dict[str, np.ndarray
   elbo_real = negative_elbo(
       state, sample_data(toy.dataset, k_elbo, toy.num_elbo_points), config)
   metrics['gnelbo'] = grid_normalized_elbo(elbo_real, elbo_grid)
+  if toy.dataset == '8gaussians':
+    metrics['modes_covered'] = modes_covered(fake, eight_gaussians_centers(),
+                                             EIGHT_GAUSSIANS_STD)
   arrays = {
       'real': np.asarray(sample_data(toy.dataset, k_plot_r, toy.num_plot_points)),
       'fake': generate(state, k_plot_f, toy.num_plot_points, config),
@@ -360,6 +385,14 @@ def train(config, log: Optional[Callable[[str], None]] = print):
   return state, history
 
 
+def kl_history(history) -> Dict[str, list]:
+  """`train`'s history as {'step': [...], 'kl_real': ..., 'kl_rec': ...,
+  'kl_fake': ...} (chunk means)."""
+  tags = ('kl_real', 'kl_rec', 'kl_fake')
+  return dict(step=[s for s, _ in history],
+              **{t: [m[t] for _, m in history] for t in tags})
+
+
 # --------------------------------------------------------------------------
 # Plots and the command line.
 
@@ -410,20 +443,27 @@ def _save_figure(fig, path: str, dpi: int) -> None:
 
 
 def format_table(rows) -> str:
-  """rows: [(dataset, metrics)] -> a Markdown table."""
+  """rows: [(dataset, metrics)] -> a Markdown table (with the modes covered
+  where measured)."""
+  modes = any('modes_covered' in m for _, m in rows)
   head = '| data set | gnELBO | KL | JSD (reference) | JSD (textbook) |'
-  lines = [head, '|---|---|---|---|---|']
+  lines = [head + (' modes covered |' if modes else ''),
+           '|---|---|---|---|---|' + ('---|' if modes else '')]
   for name, m in rows:
-    lines.append(f'| {name} | {m["gnelbo"]:.4e} | {m["kl"]:.4f} | '
-                 f'{m["jsd_reference"]:.4f} | {m["jsd"]:.4f} |')
+    line = (f'| {name} | {m["gnelbo"]:.4e} | {m["kl"]:.4f} | '
+            f'{m["jsd_reference"]:.4f} | {m["jsd"]:.4f} |')
+    if modes:
+      line += f' {m["modes_covered"]} of 8 |' if 'modes_covered' in m else ' |'
+    lines.append(line)
   return '\n'.join(lines)
 
 
 def run(config, workdir: str, log=print) -> Dict[str, float]:
-  """Trains, evaluates, writes plots and results.json; returns the metrics."""
+  """Trains, evaluates, writes plots and <dataset>_results.json (metrics,
+  the training KLs, config); returns the metrics."""
   workdir_lib.prepare(workdir)  # before training, not after it
   start = time.time()
-  state, _ = train(config, log=log)
+  state, history = train(config, log=log)
   train_s = time.time() - start
   metrics, arrays = evaluate(state, config, jax.random.PRNGKey(config.seed + 1))
   metrics['train_seconds'] = train_s
@@ -431,6 +471,7 @@ def run(config, workdir: str, log=print) -> Dict[str, float]:
   paths = save_plots(arrays, config.toy.dataset, workdir)
   epath.Path(workdir, f'{config.toy.dataset}_results.json').write_text(
       json.dumps(dict(metrics, steps=config.num_train_steps,
+                      kl_history=kl_history(history),
                       config=json.loads(config.to_json_best_effort())),
                  indent=2))
   if log is not None:

@@ -70,6 +70,29 @@ def initial_state(arch='conv', seed=0):
   return _initial_state(arch, seed)
 
 
+@pytest.fixture(scope='session', autouse=True)
+def introvae_cache(tmp_path_factory):
+  """$INTROVAE_CACHE for the session and its children, never the user's
+  ~/.cache, holding a digit classifier trained for 100 steps (seconds, not
+  the 1.5 CPU-minutes of the real one: the tests check the plumbing, and
+  tests/test_evaluation.py the first-use training)."""
+  from introvae_jax import digit_classifier
+  saved = os.environ.get('INTROVAE_CACHE')
+  if in_child_process():  # the parent's
+    yield saved
+    return
+  path = str(tmp_path_factory.mktemp('introvae_cache'))
+  os.environ['INTROVAE_CACHE'] = path
+  params, accuracy = digit_classifier.train(num_steps=100, log=None)
+  digit_classifier.save(params, digit_classifier.default_path(),
+                        dict(held_out_accuracy=accuracy, num_steps=100))
+  yield path
+  if saved is None:
+    os.environ.pop('INTROVAE_CACHE')
+  else:
+    os.environ['INTROVAE_CACHE'] = saved
+
+
 @pytest.fixture(scope='session')
 def cache_dir(tmp_path_factory):
   """One persistent compilation cache for the session and its children."""

@@ -65,8 +65,7 @@ def _env(emulator, cache_dir, scratch):
   env = emulator.child_env()
   env.update(JAX_COMPILATION_CACHE_DIR=cache_dir,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-             JAX_PLATFORMS='cpu', PYTHONPATH=REPO, TMPDIR=scratch.tmp,
-             INTROVAE_CACHE=os.path.join(cache_dir, 'introvae'))
+             JAX_PLATFORMS='cpu', PYTHONPATH=REPO, TMPDIR=scratch.tmp)  # INTROVAE_CACHE: conftest's
   env.pop('XLA_FLAGS', None)
   return env
 

@@ -265,3 +265,24 @@ def test_unwritable_workdir_is_refused_before_training(tmp_path, monkeypatch):
   with pytest.raises(errors.WorkdirError,
                      match=f'Cannot write to --workdir={tmp_path}/a_file'):
     toy2d.run(_tiny_config(), str(tmp_path / 'a_file'))
+
+
+def test_modes_covered_counts_a_hand_made_sample_set():
+  centers = toy2d.eight_gaussians_centers()
+  std = toy2d.EIGHT_GAUSSIANS_STD
+  assert np.allclose(np.linalg.norm(centers, axis=1), 2.0 / 1.414)
+  rs = np.random.RandomState(0)
+  # 1,000 points: 500 on mode 0, 300 on mode 3, 10 (exactly 1%) within
+  # 2.9 sigma of mode 5, 9 (0.9%) on mode 6, the rest far from every mode.
+  def near(i, n, radius):
+    angle = rs.uniform(0, 2 * np.pi, n)
+    return centers[i] + radius * std * np.stack([np.cos(angle), np.sin(angle)], 1)
+  points = np.concatenate([near(0, 500, 0.5), near(3, 300, 2.0),
+                           near(5, 10, 2.9), near(6, 9, 0.1),
+                           near(1, 181, 3.5)])  # 3.5 sigma: not covered
+  assert len(points) == 1000
+  assert toy2d.modes_covered(points, centers, std) == 3
+  assert toy2d.modes_covered(points, centers, std, num_std=4.0) == 4
+  assert toy2d.modes_covered(points, centers, std, min_fraction=0.009) == 4
+  real = np.asarray(toy2d.sample_data('8gaussians', jax.random.PRNGKey(0), 5000))
+  assert toy2d.modes_covered(real, centers, std) == 8

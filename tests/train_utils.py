@@ -34,8 +34,7 @@ SCALAR_TAGS = {'loss_rec', 'kl_real', 'kl_rec', 'kl_fake', 'kl_rec_g',
 def env(cache_dir):
   env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache_dir,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-             JAX_PLATFORMS='cpu', PYTHONPATH=REPO,
-             INTROVAE_CACHE=os.path.join(cache_dir, 'introvae'))  # hermetic
+             JAX_PLATFORMS='cpu', PYTHONPATH=REPO)  # INTROVAE_CACHE: conftest's
   env.pop('XLA_FLAGS', None)
   return env
 

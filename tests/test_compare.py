@@ -1,0 +1,143 @@
+"""The comparison command: cells through the training program, tables from the
+per-cell files, skipping what exists, refusing another recipe's results."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from introvae_jax import compare
+from introvae_jax import errors
+from introvae_jax import toy2d
+from train_utils import REPO, env, scalars, tiny_config
+
+
+def test_summaries_and_contrasts_by_hand():
+  s = compare.summarize([3.0, 5.0, 10.0])
+  assert s['n'] == 3 and s['mean'] == pytest.approx(6.0)
+  # Sample std: sqrt(((3-6)^2 + (5-6)^2 + (10-6)^2) / 2) = sqrt(13).
+  assert s['std'] == pytest.approx(np.sqrt(13.0))
+  assert compare.summarize([4.0]) == dict(mean=4.0, std=0.0, n=1)
+  assert compare.summarize([float('nan'), 2.0])['n'] == 1
+  base, other = dict(mean=200.0, std=5.0, n=3), dict(mean=150.0, std=10.0, n=3)
+  fd = compare.contrast(base, other, 'fd_digit')      # lower is better
+  assert fd['gain'] == pytest.approx(0.25) and fd['gap_in_std'] == pytest.approx(5.0)
+  psnr = compare.contrast(base, other, 'rec_psnr')    # higher is better
+  assert psnr['gain'] == pytest.approx(-0.25)
+  assert compare.contrast(base, other, 'swd_32')['gain'] == pytest.approx(0.25)
+  assert compare.contrast(base, other, 'kl_real') is None  # no direction
+
+
+def test_vae_cell_is_the_same_run_with_warmup_everywhere():
+  config = tiny_config(num_train_steps=7, num_vae_steps=2, m_plus=9.0)
+  vae = compare.cell_config(config, 'vae', 3)
+  intro = compare.cell_config(config, 'introvae', 3)
+  assert (vae.num_vae_steps, vae.seed) == (7, 3)
+  assert (intro.num_vae_steps, intro.seed) == (2, 3)
+  differ = {k for k in config if vae[k] != intro[k]}
+  assert differ == {'num_vae_steps'}
+  with pytest.raises(errors.UserError, match='covers all num_train_steps'):
+    compare.cell_config(tiny_config(num_train_steps=2, num_vae_steps=2),
+                        'introvae', 0)
+  with pytest.raises(errors.UserError, match="Unknown objective 'gan'"):
+    compare.cell_config(config, 'gan', 0)
+
+
+def _cell_files(results):
+  return sorted(f for f in os.listdir(results) if f.endswith('_seed0.json')
+                or f.endswith('_seed1.json'))
+
+
+def test_grid_tables_figure_skip_and_refusal(tmp_path, cache_dir):
+  """Two objectives x two seeds on the tiny model: each cell is a training
+  run whose TensorBoard log shows its objective, the table is the per-cell
+  files' mean and sample std, a rerun trains nothing, another recipe's
+  results are refused."""
+  del cache_dir
+  config = tiny_config(num_train_steps=4, num_vae_steps=2,
+                       eval_split_fraction=0.2, checkpoint_every_steps=2)
+  workdir, results = str(tmp_path / 'runs'), str(tmp_path / 'results')
+  summary = compare.compare(config, ['vae', 'introvae'], [0, 1], workdir,
+                            results, num_images=16)
+  assert _cell_files(results) == ['introvae_seed0.json', 'introvae_seed1.json',
+                                  'vae_seed0.json', 'vae_seed1.json']
+  cells = {f[:-5]: json.load(open(os.path.join(results, f)))
+           for f in _cell_files(results)}
+  for name, cell in cells.items():
+    phase = scalars(cell['workdir'])['vae_phase']
+    if name.startswith('vae'):
+      assert set(phase.values()) == {1.0}
+    else:
+      assert phase[4] == 0.0
+    assert cell['kl_history']['step'][-1] == 4
+    assert os.path.exists(os.path.join(results, f'{name}_samples.png'))
+  # Same seed, same warm-up: the two objectives agree until the warm-up ends.
+  assert (scalars(cells['vae_seed0']['workdir'])['loss_rec'][2] ==
+          scalars(cells['introvae_seed0']['workdir'])['loss_rec'][2])
+  for metric in ('fd_digit', 'swd_16', 'rec_psnr', 'kl_fake'):
+    for objective in ('vae', 'introvae'):
+      values = [cells[f'{objective}_seed{s}']['metrics'][metric] for s in (0, 1)]
+      row = summary['metrics'][metric][objective]
+      assert row['mean'] == pytest.approx(np.mean(values))
+      assert row['std'] == pytest.approx(np.std(values, ddof=1))
+  stored = json.load(open(os.path.join(results, 'table.json')))
+  assert stored['metrics']['fd_digit'] == summary['metrics']['fd_digit']
+  table_md = open(os.path.join(results, 'table.md')).read()
+  assert '| fd_digit |' in table_md and 'introvae vs vae' in table_md
+  assert os.path.getsize(os.path.join(results, 'figure.png')) > 10_000
+
+  # A rerun trains nothing: every cell's workdir is untouched.
+  mtimes = {n: os.path.getmtime(c['workdir']) for n, c in cells.items()}
+  events = {n: sorted(os.listdir(c['workdir'])) for n, c in cells.items()}
+  again = compare.compare(config, ['vae', 'introvae'], [0, 1], workdir,
+                          results, num_images=16)
+  assert again['metrics'] == summary['metrics']
+  for n, c in cells.items():
+    assert sorted(os.listdir(c['workdir'])) == events[n]
+    assert os.path.getmtime(c['workdir']) == mtimes[n]
+  # Logging fields may change; the recipe may not.
+  compare.compare(tiny_config(num_train_steps=4, num_vae_steps=2,
+                              eval_split_fraction=0.2, checkpoint_every_steps=2,
+                              log_every_steps=1), ['vae'], [0], workdir,
+                  results, num_images=16)
+  with pytest.raises(errors.UserError,
+                     match=r'vae_seed0.json holds the results of another '
+                     r'recipe \(m_plus: 5.0 -> 6.0\)'):
+    compare.compare(tiny_config(num_train_steps=4, num_vae_steps=2, m_plus=6.0,
+                                eval_split_fraction=0.2,
+                                checkpoint_every_steps=2), ['vae'], [0],
+                    workdir, results, num_images=16)
+
+
+def test_command_line_reports_bad_seeds_in_one_line(tmp_path, cache_dir):
+  cmd = [sys.executable, '-m', 'introvae_jax.compare',
+         '--config=' + os.path.join(REPO, 'configs', 'default.py'),
+         f'--workdir={tmp_path}', '--seeds=0,one']
+  proc = subprocess.run(cmd, cwd=REPO, env=env(cache_dir), capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1] == (
+      "compare.py: error: --seeds='0,one': use integers separated by commas, "
+      'e.g. --seeds=0,1,2.')
+
+
+def test_toy_cells_go_through_the_toy_protocol(tmp_path):
+  config = toy2d.toy_config('8gaussians')
+  config.mlp_hidden, config.batch_size = (16, 16, 16), 64
+  config.num_train_steps, config.num_vae_steps, config.log_every_steps = 40, 20, 20
+  config.toy.lr_boundaries = (30,)
+  config.toy.num_eval_points, config.toy.grid_points = 500, 32
+  config.toy.num_elbo_points, config.toy.num_plot_points = 200, 64
+  results = tmp_path / 'results'
+  summary = compare.compare(config, ['vae', 'introvae'], [0],
+                            str(tmp_path / 'runs'), str(results))
+  vae = json.load(open(results / 'vae_seed0.json'))
+  assert vae['config']['num_vae_steps'] == 40
+  assert vae['kl_history']['step'] == [20, 30, 40]
+  assert 0 <= vae['metrics']['modes_covered'] <= 8
+  assert summary['metrics']['jsd']['introvae']['n'] == 1
+  assert (results / 'introvae_seed0_samples.png').exists()
+  assert (results / 'figure.png').exists()
