@@ -8,7 +8,6 @@ or a resume does not compile the step again.
 
 import os
 
-from absl import logging
 import jax
 
 CACHE_ENV = 'INTROVAE_CACHE'
@@ -31,5 +30,4 @@ def enable_compilation_cache() -> str:
     return chosen
   path = os.path.join(cache_dir(), 'jax')
   jax.config.update('jax_compilation_cache_dir', path)
-  logging.info('JAX compilation cache: %s', path)
   return path
