@@ -191,9 +191,7 @@ def _as_json(config) -> dict:
 def _check_stored(path: epath.Path, stored: dict, config) -> None:
   """UserError unless the results file was made with `config`'s identity
   fields (those a resume may not change)."""
-  old = stored['config']
-  changes = [(n, old.get(n), v) for n, v in sorted(_as_json(config).items())
-             if n not in configuration.FREE_ON_RESUME and old.get(n) != v]
+  changes = configuration.identity_changes(stored['config'], _as_json(config))
   if changes:
     listed = '; '.join(f'{n}: {a!r} -> {b!r}' for n, a, b in changes)
     raise errors.UserError(

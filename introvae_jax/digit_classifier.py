@@ -44,7 +44,7 @@ NUM_STEPS = 1_500  # of batch 64: the cached classifier's training
 
 def default_path() -> str:
   """<cache>/digit_classifier.msgpack; the cache is $INTROVAE_CACHE or
-  ~/.cache/introvae_jax (`evaluation.cache_dir`)."""
+  ~/.cache/introvae_jax (`cache.cache_dir`)."""
   return os.path.join(cache.cache_dir(), 'digit_classifier.msgpack')
 
 
@@ -160,6 +160,12 @@ def save(params, path: str, metadata: dict) -> None:
   path.with_name(path.name + '.json').write_text(json.dumps(metadata, indent=2))
 
 
+def _metadata(accuracy: float, seed: int, num_steps: int) -> dict:
+  """What `save` writes beside the weights: how they were trained."""
+  return dict(held_out_accuracy=accuracy, seed=seed, num_steps=num_steps,
+              train_digits='first 4000', held_out_digits='last 1000')
+
+
 def _train_command(path) -> str:
   return f'python -m introvae_jax.digit_classifier --out={path}'
 
@@ -197,9 +203,7 @@ def cached(log=print):
           'CPU-minutes) for the digit Frechet distance and KID.')
     params, accuracy = train(num_steps=NUM_STEPS, log=None)
     partial = f'{path}.{os.getpid()}.partial'
-    save(params, partial, dict(held_out_accuracy=accuracy, seed=0,
-                               num_steps=NUM_STEPS, train_digits='first 4000',
-                               held_out_digits='last 1000'))
+    save(params, partial, _metadata(accuracy, seed=0, num_steps=NUM_STEPS))
     # Renamed into place whole: a concurrent or killed run never sees half.
     epath.Path(partial + '.json').rename(path + '.json')
     epath.Path(partial).rename(path)
@@ -242,9 +246,7 @@ def main(argv):
   f = flags.FLAGS
   out = check_output(f.out or default_path())
   params, accuracy = train(seed=f.seed, num_steps=f.num_steps)
-  save(params, out, dict(held_out_accuracy=accuracy, seed=f.seed,
-                         num_steps=f.num_steps, train_digits='first 4000',
-                         held_out_digits='last 1000'))
+  save(params, out, _metadata(accuracy, seed=f.seed, num_steps=f.num_steps))
   print(f'held-out accuracy {accuracy:.4f} on {NUM_HELD_OUT} digits; '
         f'weights saved to {out}')
 
