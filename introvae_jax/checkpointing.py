@@ -19,9 +19,11 @@ from typing import Optional
 from absl import logging
 from etils import epath
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from introvae_jax import configuration
+from introvae_jax import parallel
 from introvae_jax import step as step_lib
 from introvae_jax import workdir as workdir_lib
 from introvae_jax.errors import UserError, WorkdirError
@@ -102,15 +104,21 @@ def disk_full_is_a_user_error(manager: ocp.CheckpointManager):
 
 def save(manager: ocp.CheckpointManager, state: step_lib.TrainState,
          *, force: bool = False) -> bool:
-  """Saves an (unreplicated) state at its own step; async unless forced.
+  """Saves a state at its own step; async unless forced.
 
-  Every process calls it with the same state. It goes to Orbax as host NumPy
-  arrays, which process 0 writes: Orbax refuses device arrays local to one
-  process of several (such as pmap's).
+  Every process calls it with the same state. Global arrays (the mesh
+  engine's replicated state) go to Orbax as they are and are written once;
+  arrays local to one process of several (an unreplicated pmap state) go as
+  host NumPy, which Orbax writes from process 0.
   """
-  state = jax.device_get(state)
-  return manager.save(int(state.step), args=ocp.args.StandardSave(state),
-                      force=force)
+  multiprocess = jax.process_count() > 1
+  def for_orbax(a):
+    if isinstance(a, jax.Array) and not (multiprocess and a.is_fully_addressable):
+      return a
+    return np.asarray(a)
+  state = jax.tree_util.tree_map(for_orbax, state)
+  step = int(np.asarray(parallel.local_copy(state.step)))
+  return manager.save(step, args=ocp.args.StandardSave(state), force=force)
 
 
 def _key_name(entry) -> str:
@@ -173,14 +181,17 @@ def _metadata(manager, step: int):
   return metadata
 
 
-def _restore_step(manager, step: int, target) -> step_lib.TrainState:
+def _restore_step(manager, step: int, target, mesh) -> step_lib.TrainState:
   """The state at `step`; IncompatibleCheckpointError for another model,
   DamagedCheckpointError (naming what is wrong) for a broken checkpoint."""
   check_compatible(manager, step, _metadata(manager, step), target)
-  # Every process reads a whole copy onto its first local device.
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  # Straight into the mesh's replicated sharding (global arrays on every
+  # process), or a whole copy on this process's first device.
+  sharding = (parallel.replicated(mesh) if mesh is not None else
+              jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
   target = jax.tree_util.tree_map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), target)
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+      target)
   try:
     return manager.restore(step, args=ocp.args.StandardRestore(target))
   except Exception as e:
@@ -213,9 +224,12 @@ def _move_aside(manager, step: int) -> epath.Path:
 
 
 def restore(manager: ocp.CheckpointManager, config,
-            step: Optional[int] = None, *, move_damaged: bool = False
-            ) -> Optional[step_lib.TrainState]:
+            step: Optional[int] = None, *, mesh=None,
+            move_damaged: bool = False) -> Optional[step_lib.TrainState]:
   """The given step, or the newest checkpoint that restores, or None if none.
+
+  With `mesh` the state is restored as global arrays replicated on it (every
+  process calls this), else onto this process's first device.
 
   Without `step`, damaged checkpoints (unreadable metadata or array data) are
   skipped from the newest down, each with a warning; `move_damaged` (the
@@ -231,11 +245,11 @@ def restore(manager: ocp.CheckpointManager, config,
       raise WorkdirError(
           f'No checkpoint of step {step} in {manager.directory}; it has steps '
           f'{sorted(manager.all_steps()) or "none"}.')
-    return _restore_step(manager, step, target)
+    return _restore_step(manager, step, target, mesh)
   damaged = []
   for candidate in sorted(manager.all_steps(), reverse=True):
     try:
-      state = _restore_step(manager, candidate, target)
+      state = _restore_step(manager, candidate, target, mesh)
     except DamagedCheckpointError as e:
       logging.warning('Skipping the checkpoint of %s.', e)
       damaged.append((candidate, str(e)))
@@ -253,11 +267,12 @@ def restore(manager: ocp.CheckpointManager, config,
   return None
 
 
-def latest_state(workdir: str, config, step: Optional[int] = None
-                 ) -> step_lib.TrainState:
-  """Loads the newest (or given) checkpoint of a workdir (sampling, tools)."""
+def latest_state(workdir: str, config, step: Optional[int] = None, *,
+                 mesh=None) -> step_lib.TrainState:
+  """Loads the newest (or given) checkpoint of a workdir (sampling, tools),
+  replicated on `mesh` when given."""
   manager = make_manager(workdir, max_to_keep=None, read_only=True)
-  state = restore(manager, config, step)
+  state = restore(manager, config, step, mesh=mesh)
   if state is None:
     raise WorkdirError(
         f'No checkpoint in {checkpoint_dir(workdir)}; train first with '
@@ -265,8 +280,9 @@ def latest_state(workdir: str, config, step: Optional[int] = None
   return state
 
 
-def load_run(workdir: str, step: Optional[int] = None):
-  """(config, state) of a training run: its config.json and a checkpoint."""
+def load_run(workdir: str, step: Optional[int] = None, *, mesh=None):
+  """(config, state) of a training run: its config.json and a checkpoint
+  (replicated on `mesh` when given)."""
   config_path = workdir_lib.path(workdir, CONFIG_NAME)
   if not config_path.exists():
     what = ('does not exist' if not workdir_lib.path(workdir).exists()
@@ -276,4 +292,4 @@ def load_run(workdir: str, step: Optional[int] = None):
         '`python main.py --workdir=...` or `python -m introvae_jax.convert` '
         'wrote.')
   config = configuration.load_json(str(config_path))
-  return config, latest_state(workdir, config, step)
+  return config, latest_state(workdir, config, step, mesh=mesh)

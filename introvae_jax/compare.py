@@ -155,8 +155,9 @@ def _grids(workdir: str, results: epath.Path, name: str, num_images: int):
   import jax
   from introvae_jax import checkpointing
   from introvae_jax import input_pipeline
+  from introvae_jax import parallel
 
-  config, state = checkpointing.load_run(workdir)
+  config, state = checkpointing.load_run(workdir, mesh=parallel.make_mesh())
   z = jax.random.normal(jax.random.PRNGKey(0), (num_images, config.hdim))
   sampling.save_png(str(results / f'{name}_samples.png'), sampling.image_grid(
       sampling.decode(state, z, config)))

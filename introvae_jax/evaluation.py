@@ -563,9 +563,11 @@ def evaluate_workdir(workdir: str, *, num_images: int = 1000, step=None,
 
   from introvae_jax import checkpointing
   from introvae_jax import input_pipeline
+  from introvae_jax import parallel
   from introvae_jax import workdir as workdir_lib
 
-  config, state = checkpointing.load_run(workdir, step)
+  config, state = checkpointing.load_run(workdir, step,
+                                         mesh=parallel.make_mesh())
   workdir_lib.prepare(workdir)  # the results go there: fail now, not later
   real = input_pipeline.eval_images(config, num_images)
   extractors, real_features = feature_extractors_for(

@@ -80,12 +80,14 @@ def generate(workdir, out, *, num=64, temperature=1.0, images=None,
   import numpy as np
 
   from introvae_jax import checkpointing
+  from introvae_jax import parallel
   from introvae_jax import sampling
 
   check_arguments(num, interpolation_steps)
   if images:
     _check_images(images)
-  config, state = checkpointing.load_run(workdir, step)
+  config, state = checkpointing.load_run(workdir, step,
+                                         mesh=parallel.make_mesh())
   from introvae_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   source = config
   if images:

@@ -1,8 +1,9 @@
 """TrainState and the pure IntroVAE train step.
 
 `train_step(state, batch, config)` is a pure function: call it directly, wrap
-it in `jax.jit`, or in `jax.pmap(..., axis_name='batch')` with
-`axis_name='batch'` (see `make_train_step`). In reference mode it performs the
+it in `jax.jit`, in `jax.shard_map` over a mesh axis 'batch' or in
+`jax.pmap(..., axis_name='batch')`, with `axis_name='batch'` (see
+`make_train_step`: the mesh step by default, `pmap=True` for pmap). In reference mode it performs the
 authors' iteration exactly (paper Algorithm 1, hhb072/IntroVAE `main.py`):
 
 1. encoder update on L_E, with ng(.) = `jax.lax.stop_gradient` on the
@@ -36,11 +37,13 @@ import ml_collections
 import numpy as np
 import optax
 
+from jax.sharding import PartitionSpec as P
+
 from introvae_jax import losses
 from introvae_jax import models
+from introvae_jax import parallel
 from introvae_jax.configuration import check_batch_divides, validate
-
-AXIS_NAME = 'batch'
+from introvae_jax.parallel import AXIS_NAME
 
 
 @flax.struct.dataclass
@@ -64,8 +67,12 @@ def make_optimizers(config):
   return adam(config.lr_e), adam(config.lr_g)
 
 
-def create_train_state(config, rng) -> TrainState:
-  """Initialises both networks and optimisers (jitted; no data needed)."""
+def create_train_state(config, rng, *, mesh=None) -> TrainState:
+  """Initialises both networks and optimisers (jitted; no data needed).
+
+  With `mesh`, the state comes out as global arrays replicated on it (every
+  process calls this with the same `rng`).
+  """
   validate(config)
   encoder, decoder = models.build_models(config)
   tx_e, tx_g = make_optimizers(config)
@@ -84,7 +91,12 @@ def create_train_state(config, rng) -> TrainState:
         opt_state_e=tx_e.init(params_e), opt_state_g=tx_g.init(params_g),
         rng=rng, skipped_steps=jnp.zeros((), jnp.int32))
 
-  return init(rng)
+  if mesh is None:
+    return init(rng)
+  # The key goes in as host data, the same on every process.
+  return jax.jit(init, out_shardings=parallel.replicated(mesh))(
+      np.asarray(jax.random.key_data(rng) if jnp.issubdtype(
+          rng.dtype, jax.dtypes.prng_key) else rng))
 
 
 def _apply(module, params, stats, x):
@@ -288,21 +300,41 @@ def train_step(state: TrainState, batch, config: ml_collections.ConfigDict, *,
   return new_state, metrics
 
 
-def make_train_step(config, *, pmap: bool = True, donate: bool = True):
-  """The compiled step: pmapped over local devices (axis 'batch') or jitted.
+def make_train_step(config, *, mesh=None, pmap: bool = False,
+                    donate: bool = True):
+  """The compiled step: over a device mesh (default), or pmapped.
 
-  The pmapped step takes a replicated state and batches shaped
-  [devices, per_device, ...]; the jitted one a plain state and [B, ...].
+  Mesh step (`mesh`, default `parallel.make_mesh()`: every device): a `jax.jit`
+  of `jax.shard_map(train_step)` over the mesh axis 'batch'. It takes the
+  state as global arrays replicated on the mesh and the global batch [B, ...]
+  sharded on 'batch' (`parallel.global_batch`; host arrays are placed there
+  too in single-process runs), and returns the replicated new state and
+  metrics. Each device runs `train_step` on its B / devices rows, exactly as
+  under pmap: BatchNorm normalises per device (across devices with
+  `sync_batch_stats`), the hinge sees the global batch means, gradients and
+  running statistics are averaged over devices. The state's buffers are
+  donated.
+
+  `pmap=True`: `jax.pmap(train_step, axis_name='batch')` over the local
+  devices, taking a `replicate`d state and batches [devices, per_device, ...].
   """
   validate(config)
   frozen = ml_collections.FrozenConfigDict(config)
   donate_argnums = (0,) if donate else ()
+  fn = functools.partial(train_step, config=frozen, axis_name=AXIS_NAME)
   if pmap:
+    if mesh is not None:
+      raise ValueError('Pass either mesh or pmap=True, not both.')
     check_batch_divides(config.batch_size, jax.device_count())
-    fn = functools.partial(train_step, config=frozen, axis_name=AXIS_NAME)
     return jax.pmap(fn, axis_name=AXIS_NAME, donate_argnums=donate_argnums)
-  return jax.jit(functools.partial(train_step, config=frozen),
-                 donate_argnums=donate_argnums)
+  mesh = parallel.make_mesh() if mesh is None else mesh
+  check_batch_divides(config.batch_size, mesh.size)
+  mapped = jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(AXIS_NAME)),
+                         out_specs=(P(), P()), check_vma=False)
+  state_sharding = parallel.replicated(mesh)
+  return jax.jit(mapped, donate_argnums=donate_argnums,
+                 in_shardings=(state_sharding, parallel.batch_sharded(mesh)),
+                 out_shardings=(state_sharding, state_sharding))
 
 
 def replicate(state: TrainState) -> TrainState:

@@ -5,9 +5,14 @@
 image grids (TensorBoard and `<workdir>/images/*.png`) and Orbax checkpoints
 under `<workdir>/checkpoints/`. SIGTERM (preemption) saves and returns.
 
-Multi-process runs (`config.distributed`) run it in every process, each
-feeding its share of the global batch; only process 0 writes `config.json`,
-events and images, and every process takes part in each checkpoint.
+The engine is the mesh of `parallel`: the state lives as global arrays
+replicated on a mesh of every device, each global batch is sharded over it
+and placed on the devices while the step before it runs, and the step is
+`step.make_train_step(config, mesh=mesh)` (jit + shard_map). Multi-process
+runs (`config.distributed`) run it in every process, each feeding its share
+of the global batch; only process 0 writes `config.json`, events, images and
+evaluations, and every process takes part in each checkpoint (Orbax writes
+the global arrays once).
 """
 
 import contextlib
@@ -30,6 +35,7 @@ from introvae_jax import checkpointing
 from introvae_jax import configuration
 from introvae_jax import evaluation
 from introvae_jax import input_pipeline
+from introvae_jax import parallel
 from introvae_jax import sampling
 from introvae_jax import step as step_lib
 from introvae_jax import workdir as workdir_lib
@@ -251,11 +257,14 @@ def _train(config, workdir: str, manager) -> step_lib.TrainState:
   changes = _resume_identity(config, workdir, manager.latest_step())
   if config.eval_every_steps:
     _check_weight_files(config)
-  state = checkpointing.restore(manager, config, move_damaged=is_host0)
-  start = 0 if state is None else int(jax.device_get(state.step))
+  mesh = parallel.make_mesh()
+  state = checkpointing.restore(manager, config, mesh=mesh,
+                                move_damaged=is_host0)
+  start = 0 if state is None else _host_int(state.step)
   data = input_pipeline.create_input_iter(config, start_step=start)
   if state is None:
-    state = step_lib.create_train_state(config, jax.random.PRNGKey(config.seed))
+    state = step_lib.create_train_state(
+        config, jax.random.PRNGKey(config.seed), mesh=mesh)
   else:
     logging.info('Resuming from step %d.', start)
   last_good = manager.latest_step()
@@ -272,9 +281,9 @@ def _train(config, workdir: str, manager) -> step_lib.TrainState:
   # Images and evaluation are local work for host 0's writer only.
   evaluate = (_make_evaluator(config, writer)
               if config.eval_every_steps and is_host0 else None)
-  p_step = step_lib.make_train_step(config, pmap=True)
-  p_state = step_lib.replicate(state)
-  del state
+  train_step = step_lib.make_train_step(config, mesh=mesh)
+  batches = parallel.prefetch_to_mesh(
+      (b['image'].reshape((-1,) + b['image'].shape[2:]) for b in data), mesh)
 
   progress = periodic_actions.ReportProgress(
       num_train_steps=config.num_train_steps, writer=writer,
@@ -284,14 +293,15 @@ def _train(config, workdir: str, manager) -> step_lib.TrainState:
   history: List[Tuple[int, Dict]] = []
 
   def flush(step):
-    host = [(s, {k: float(v[0]) for k, v in jax.device_get(m).items()})
+    host = [(s, {k: float(v) for k, v in
+                 jax.device_get(parallel.local_copy(m)).items()})
             for s, m in history]
     history.clear()
     if config.on_nonfinite == 'stop':
       _check_finite(host, last_good)
     if host:
       mean = {k: np.mean([m[k] for _, m in host]) for k in host[-1][1]}
-      mean['skipped_steps'] = int(jax.device_get(p_state.skipped_steps)[0])
+      mean['skipped_steps'] = _host_int(state.skipped_steps)
       mean['corrupt_images_skipped'] = len(data.corrupt_files)
       writer.write_scalars(step, mean)
       bar.set_postfix(loss_e=f"{mean['loss_e']:.4g}",
@@ -302,8 +312,7 @@ def _train(config, workdir: str, manager) -> step_lib.TrainState:
   try:
     with _StopSignals() as signals:
       for step in range(start + 1, config.num_train_steps + 1):
-        batch = next(data)
-        p_state, metrics = p_step(p_state, batch['image'])
+        state, metrics = train_step(state, next(batches))
         history.append((step, metrics))
         progress(step)
         bar.update(1)
@@ -312,13 +321,13 @@ def _train(config, workdir: str, manager) -> step_lib.TrainState:
         if step % config.log_every_steps == 0 or last or stop:
           flush(step)
         if is_host0 and (step % config.image_every_steps == 0 or last):
-          _write_images(writer, workdir, step, step_lib.unreplicate(p_state),
+          _write_images(writer, workdir, step, parallel.local_copy(state),
                         reals, z_fixed, config)
         if evaluate and (step % config.eval_every_steps == 0 or last):
-          evaluate(step, step_lib.unreplicate(p_state))
+          evaluate(step, parallel.local_copy(state))
         if step % config.checkpoint_every_steps == 0 or last or stop:
           flush(step)  # Never save a state that saw a non-finite loss.
-          checkpointing.save(manager, step_lib.unreplicate(p_state), force=True)
+          checkpointing.save(manager, state, force=True)
           last_good = step
         if stop:
           _LAST_STOP_SIGNAL = signals.received or signal.SIGTERM
@@ -330,7 +339,12 @@ def _train(config, workdir: str, manager) -> step_lib.TrainState:
     bar.close()
     writer.flush()
     manager.wait_until_finished()
-  return step_lib.unreplicate(p_state)
+  return state
+
+
+def _host_int(scalar) -> int:
+  """A replicated scalar's value, read on this process."""
+  return int(jax.device_get(parallel.local_copy(scalar)))
 
 
 _LAST_STOP_SIGNAL = None

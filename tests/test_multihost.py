@@ -2,19 +2,21 @@
 
 Each test starts two worker processes (this file run as a script), each with
 2 host CPU devices, joined by `jax.distributed.initialize` on localhost with
-gloo collectives: 4 devices over 2 processes, as on a 2-host pod. The pmapped
-step's collectives then run across the processes.
+gloo collectives: 4 devices over 2 processes, as on a 2-host pod. The mesh
+spans both processes, so the step's collectives run across them.
 
 - `test_two_processes_match_one_device`: float64 (jax_enable_x64). Each
-  process feeds its half of the same global batches of 8 to
-  `make_train_step(pmap=True)` for 3 steps; the states equal the jitted
+  process makes global batches from its half of the same global batches of 8
+  (`parallel.global_batch`) for the mesh step `make_train_step(mesh=...)`,
+  3 steps; the states equal the jitted
   single-device step's on the whole batches to 1e-8 (docs/introvae.md 3b:
   after Adam steps float32 runs differ by ~lr, so parameters are compared in
   float64). The margin splits the devices' shards (see test_pmap), so a
   hinge decided per process would fail.
 - `test_two_process_training_run`: `train_and_evaluate` on the offline digits
-  with `--config.distributed`: one checkpoint that both processes restore to
-  their final state, and only process 0 writes images and TensorBoard events.
+  with `--config.distributed`: one checkpoint, saved from global arrays, that
+  both processes restore straight into the mesh's sharding and find equal to
+  their final state; only process 0 writes images and TensorBoard events.
 """
 
 import functools
@@ -31,7 +33,7 @@ import pytest
 
 from conftest import REPO_ROOT, assert_trees_close, tiny_batch, tiny_config
 import introvae_jax
-from introvae_jax import checkpointing, sampling, train
+from introvae_jax import checkpointing, parallel, sampling, train
 from test_pmap import config_for  # its margin splits the 4 devices' shards
 from train_utils import tiny_config as default_tiny_config  # configs/default.py, tiny
 
@@ -142,12 +144,13 @@ def test_initialize_distributed_passes_only_given_fields(monkeypatch):
 
 def _save_state(path, state):
   """A TrainState as .npz, one array per path ('.params_g[...]...')."""
-  flat, _ = jax.tree_util.tree_flatten_with_path(jax.device_get(state))
+  flat, _ = jax.tree_util.tree_flatten_with_path(
+      jax.device_get(parallel.local_copy(state)))
   np.savez(path, **{jax.tree_util.keystr(k): np.asarray(v) for k, v in flat})
 
 
 def _step_worker(port, process_id, out_dir):
-  """3 pmapped steps on this process's half of each global batch; process 0
+  """3 mesh steps on this process's half of each global batch; process 0
   also runs the jitted single-device step on the whole batches."""
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # default
   jax.distributed.initialize(coordinator_address=f'localhost:{port}',
@@ -157,21 +160,22 @@ def _step_worker(port, process_id, out_dir):
   state = jax.tree_util.tree_map(
       lambda a: a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating)
       else a, state)
-  p_step = introvae_jax.make_train_step(config, pmap=True)
+  mesh = parallel.make_mesh()
+  mesh_step = introvae_jax.make_train_step(config, mesh=mesh)
   single_step = jax.jit(functools.partial(introvae_jax.train_step,
                                           config=config))
-  p_state = introvae_jax.replicate(state)
+  m_state = parallel.put_replicated(state, mesh)
   batches = [tiny_batch(config, seed=10 + t, dtype=np.float64)
              for t in range(STEPS)]
   rows = config.batch_size // PROCESSES
   for x in batches:
     mine = x[process_id * rows:(process_id + 1) * rows]
-    p_state, _ = p_step(p_state, introvae_jax.shard_batch(mine))
-  replicas = jax.device_get(p_state)   # [local devices, ...]; no computation
-  for leaf in jax.tree_util.tree_leaves(replicas):
-    np.testing.assert_array_equal(leaf[1], leaf[0])
-  _save_state(os.path.join(out_dir, f'state_{process_id}.npz'),
-              jax.tree_util.tree_map(lambda a: a[0], replicas))
+    m_state, _ = mesh_step(m_state, parallel.global_batch(mine, mesh))
+  for leaf in jax.tree_util.tree_leaves(m_state):  # one copy per local device
+    assert not leaf.is_fully_addressable
+    shards = [np.asarray(s.data) for s in leaf.addressable_shards]
+    np.testing.assert_array_equal(shards[1], shards[0])
+  _save_state(os.path.join(out_dir, f'state_{process_id}.npz'), m_state)
   if process_id == 0:
     for x in batches:
       state, _ = single_step(state, x)
@@ -191,8 +195,15 @@ def _train_worker(port, process_id, workdir):
       raise AssertionError(f'process {process_id} wrote an image: {args[0]}')
     sampling.save_png = refuse
   final = train.train_and_evaluate(config, workdir)
-  restored = checkpointing.restore(checkpointing.make_manager(workdir), config)
-  jax.tree_util.tree_map(np.testing.assert_array_equal, restored, final)
+  mesh = parallel.make_mesh()
+  restored = checkpointing.restore(checkpointing.make_manager(workdir), config,
+                                   mesh=mesh)
+  for leaf in jax.tree_util.tree_leaves(restored):  # global, in place
+    assert leaf.sharding == parallel.replicated(mesh)
+    assert not leaf.is_fully_addressable
+  jax.tree_util.tree_map(np.testing.assert_array_equal,
+                         jax.device_get(parallel.local_copy(restored)),
+                         jax.device_get(parallel.local_copy(final)))
   _save_state(os.path.join(workdir, f'state_{process_id}.npz'), final)
 
 
