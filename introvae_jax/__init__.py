@@ -3,6 +3,21 @@
 Public API::
 
   from introvae_jax import base_config, create_train_state, train_step
+  from introvae_jax import make_mesh, make_train_step, global_batch
+
+The modules, by concern (imports run downwards only):
+
+- model, objective and step: `configuration`, `models`, `losses`, `step`
+  (`TrainState`, the pure `train_step`, `make_train_step`), `parallel` (the
+  device mesh, global arrays, input prefetch), `errors`;
+- the training program: `train` (`main.py`), `checkpointing`, `workdir`,
+  `cache`, `cli`, and the tools `sample`, `compare`, `toy2d`;
+- data: `input_pipeline` (TFDS, image folders, built-in offline sets),
+  `offline_datasets`;
+- evaluation: `evaluation` (SWD, FID/KID, reconstruction, the CLI),
+  `inception`, `digit_classifier`, `sampling`, `files`;
+- PyTorch interop: `torch_reference` (the authors' model, for parity tests),
+  `convert` (their checkpoints to ours).
 """
 
 from introvae_jax.configuration import base_config, check_batch_divides, validate
@@ -11,8 +26,10 @@ from introvae_jax.losses import (decoder_loss, encoder_loss, kl_divergence,
 from introvae_jax.models import (BatchNorm, Decoder, Encoder, MLPDecoder,
                                  MLPEncoder, ResidualBlock, build_models,
                                  channels_for, image_size_for)
+from introvae_jax.parallel import (global_batch, local_copy, make_mesh,
+                                   prefetch_to_mesh, put_replicated)
 from introvae_jax.step import (AXIS_NAME, TrainState, create_train_state,
                                draw_noise, make_optimizers, make_train_step,
                                replicate, shard_batch, train_step, unreplicate)
 
-__version__ = '0.1.0'
+__version__ = '0.2.0'

@@ -59,7 +59,7 @@ from introvae_jax import configuration
 from introvae_jax import errors
 from introvae_jax import step as step_lib
 from introvae_jax import workdir as workdir_lib
-from introvae_jax.evaluation import BadFileError, MissingFileError
+from introvae_jax.errors import BadFileError, MissingFileError
 
 Arrays = Dict[str, np.ndarray]
 

@@ -32,7 +32,6 @@ import optax
 
 from introvae_jax import cache
 from introvae_jax import errors
-from introvae_jax import evaluation
 from introvae_jax import offline_datasets
 
 
@@ -176,7 +175,7 @@ def load(path: Optional[str] = None):
   the file and the command that trains it when it is missing or damaged."""
   path = os.path.expanduser(path or default_path())
   if not epath.Path(path).exists():
-    raise evaluation.MissingFileError(
+    raise errors.MissingFileError(
         f'No digit classifier at {path}. Train it once (about a minute on a '
         f'CPU): {_train_command(path)}')
   try:
@@ -186,7 +185,7 @@ def load(path: Optional[str] = None):
     return serialization.from_state_dict(template, stored)
   except Exception as e:  # pylint: disable=broad-except
     # Foreign or truncated bytes fail in msgpack or flax with many types.
-    raise evaluation.BadFileError(
+    raise errors.BadFileError(
         f'{path} is not digit classifier weights ({type(e).__name__}: '
         f'{str(e).splitlines()[0] if str(e) else ""}); delete it and train '
         f'again: {_train_command(path)}') from e

@@ -19,3 +19,11 @@ class ConfigError(UserError, ValueError):
 
 class WorkdirError(UserError, OSError):
   """The workdir is missing, unwritable, locked or holds an incompatible run."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+  """A weights or statistics file the user named (or must create) is absent."""
+
+
+class BadFileError(UserError, ValueError):
+  """A weights or statistics file cannot be read or holds something else."""

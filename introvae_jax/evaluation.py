@@ -31,7 +31,6 @@ supplied is an error naming it.
 """
 
 import hashlib
-import io
 import json
 import os
 import warnings
@@ -44,14 +43,9 @@ from scipy import linalg
 
 from introvae_jax import errors
 from introvae_jax.cache import cache_dir  # noqa: F401  (also evaluation.cache_dir)
-
-
-class MissingFileError(errors.UserError, FileNotFoundError):
-  """A weights or statistics file the user named (or must create) is absent."""
-
-
-class BadFileError(errors.UserError, ValueError):
-  """A weights or statistics file cannot be read or holds something else."""
+# Also evaluation.<name>, where earlier versions defined them:
+from introvae_jax.errors import BadFileError, MissingFileError  # noqa: F401
+from introvae_jax.files import read_npz, write_npz  # noqa: F401
 
 
 # --------------------------------------------------------------------------
@@ -111,44 +105,6 @@ def frechet_distance_from_features(features1, features2) -> float:
   """Frechet distance between the Gaussians fitted to two feature sets."""
   return frechet_distance(*feature_statistics(features1),
                           *feature_statistics(features2))
-
-
-def write_npz(path: str, **arrays) -> str:
-  """np.savez to a local or gs:// path (".npz" appended as np.savez does),
-  written whole then renamed, so an interrupted write leaves no half file."""
-  path = str(path)
-  if not path.endswith('.npz'):
-    path += '.npz'
-  target = epath.Path(path)
-  target.parent.mkdir(parents=True, exist_ok=True)
-  buffer = io.BytesIO()
-  np.savez(buffer, **arrays)
-  partial = target.parent / f'.{target.name}.{os.getpid()}.partial'
-  partial.write_bytes(buffer.getvalue())
-  partial.replace(target)
-  return path
-
-
-def read_npz(path: str, what: str, fix: str) -> Dict[str, np.ndarray]:
-  """All arrays of an .npz (local or gs://).
-
-  Raises MissingFileError or BadFileError naming `path`, `what` it should
-  hold and the `fix`, instead of numpy's messages (a file that is not a zip
-  archive reads as "pickled data ... allow_pickle=False").
-  """
-  path = epath.Path(path)
-  if not path.exists():
-    raise MissingFileError(f'No {what} at {path}; {fix}')
-  data = path.read_bytes()
-  if not data.startswith(b'PK'):
-    raise BadFileError(f'{path} is not an .npz archive, so not a {what}; {fix}')
-  try:
-    with np.load(io.BytesIO(data)) as f:
-      return {name: f[name] for name in f.files}
-  except Exception as e:  # pylint: disable=broad-except
-    # A damaged zip surfaces as BadZipFile, EOFError, OSError or ValueError.
-    raise BadFileError(f'{path} is a damaged .npz ({type(e).__name__}: {e}), '
-                       f'not a readable {what}; {fix}') from e
 
 
 def save_statistics(path: str, mu, sigma) -> None:

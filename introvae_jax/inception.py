@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from introvae_jax import cache
-from introvae_jax import evaluation
+from introvae_jax import errors
+from introvae_jax import files
 
 FEATURE_DIM = 2048
 BN_EPS = 1e-3
@@ -188,7 +189,7 @@ def from_state_dict(state_dict) -> Params:
     params[name] = (kernel.astype(np.float32),
                     (beta - mean * scale).astype(np.float32))
   if 'Mixed_7c.branch_pool' not in params:
-    raise evaluation.BadFileError(
+    raise errors.BadFileError(
         'Not an InceptionV3 state dict (no Mixed_7c.branch_pool); pass '
         f'pytorch-fid\'s {WEIGHTS_FILE}.')
   return params
@@ -199,7 +200,7 @@ def save_npz(params: Params, path: str) -> None:
   arrays = {}
   for name, (kernel, bias) in params.items():
     arrays[f'{name}/kernel'], arrays[f'{name}/bias'] = kernel, bias
-  evaluation.write_npz(path, **arrays)
+  files.write_npz(path, **arrays)
 
 
 def convert(pth_path: str, npz_path: str) -> Params:
@@ -217,7 +218,7 @@ def convert(pth_path: str, npz_path: str) -> Params:
     params = from_state_dict(state_dict)
   except Exception as e:  # pylint: disable=broad-except
     # Truncated or foreign files fail inside torch with many exception types.
-    raise evaluation.BadFileError(
+    raise errors.BadFileError(
         f'{pth_path} is not pytorch-fid\'s InceptionV3 weights file '
         f'({type(e).__name__}: {_first_line(e)}); download {WEIGHTS_FILE} '
         'again (pytorch-fid\'s release page) and pass its path.') from e
@@ -230,11 +231,11 @@ def _first_line(error: Exception) -> str:
 
 
 def _params_from_npz(path: str, fix: str) -> Params:
-  arrays = evaluation.read_npz(path, 'InceptionV3 weights file', fix)
+  arrays = files.read_npz(path, 'InceptionV3 weights file', fix)
   names = {k.rsplit('/', 1)[0] for k in arrays}
   if 'Mixed_7c.branch_pool' not in names or not all(
       f'{n}/kernel' in arrays and f'{n}/bias' in arrays for n in names):
-    raise evaluation.BadFileError(
+    raise errors.BadFileError(
         f'{path} holds no InceptionV3 weights (it has {len(arrays)} arrays, '
         f'e.g. {sorted(arrays)[:3]}); {fix}')
   return {n: (arrays[f'{n}/kernel'], arrays[f'{n}/bias']) for n in sorted(names)}
@@ -251,7 +252,7 @@ def load(path: str) -> Params:
   """
   path = os.path.expanduser(path)
   if not epath.Path(path).exists():
-    raise evaluation.MissingFileError(
+    raise errors.MissingFileError(
         f'No InceptionV3 weights at {path}. FID needs pytorch-fid\'s '
         f'{WEIGHTS_FILE}, supplied by path (nothing is downloaded).')
   if path.endswith('.pth'):
@@ -260,7 +261,7 @@ def load(path: str) -> Params:
     if epath.Path(cached).exists():
       try:
         return jax.device_put(_params_from_npz(cached, 'it is rebuilt.'))
-      except evaluation.BadFileError as e:
+      except errors.BadFileError as e:
         logging.warning('Converting %s again: %s', path, e)
     return jax.device_put(convert(path, cached))
   return jax.device_put(_params_from_npz(

@@ -260,12 +260,14 @@ def train_step(state: TrainState, batch, config: ml_collections.ConfigDict, *,
   """One IntroVAE iteration: (state, batch) -> (new_state, metrics).
 
   Args:
-    state: a `TrainState` (replicated under pmap).
+    state: a `TrainState`.
     batch: images [B, H, W, C] in [0, 1] (or 2-D points [B, D] for the MLP
-      model), or a mapping with key 'image'. Under pmap, the per-device batch.
+      model), or a mapping with key 'image'. Under shard_map or pmap, the
+      device's rows.
     config: the run's ConfigDict (closed over, never traced).
-    axis_name: the pmap axis; gradients, KL means for the hinge and metrics
-      are averaged over it. BatchNorm statistics are synced over it too when
+    axis_name: the mapped axis (shard_map's mesh axis or pmap's); gradients,
+      KL means for the hinge, metrics and BatchNorm running statistics are
+      averaged over it. BatchNorm statistics are synced over it too when
       `config.sync_batch_stats`.
     noise: optional (eps, z_p), each [B, hdim], to inject the random draws
       (parity tests); by default drawn from `state.rng` and `state.step`.
@@ -283,7 +285,12 @@ def train_step(state: TrainState, batch, config: ml_collections.ConfigDict, *,
   eps, z_p = (jnp.asarray(a).astype(ct) for a in noise)
   new, metrics = _update(nets, state, x, eps, z_p, config, axis_name)
   params_e, stats_e, opt_e, params_g, stats_g, opt_g = new
-  # Replicas keep identical running statistics (each device saw its own batch).
+  # BatchNorm running statistics: the mean of the devices' updates. Each
+  # device updated them from its own rows; the replicated state must hold one
+  # value, and the mean (an EMA of the devices' mean batch statistics, since
+  # the update is linear) uses every device's data, where keeping device 0's,
+  # as torch's DataParallel does, would discard the others' (docs in README,
+  # "Data parallelism"). With sync_batch_stats the devices agree already.
   stats_e, stats_g = _pmean((stats_e, stats_g), axis_name)
   metrics = _pmean(metrics, axis_name)
   finite = jnp.isfinite(metrics['loss_e']) & jnp.isfinite(metrics['loss_g'])
@@ -338,14 +345,15 @@ def make_train_step(config, *, mesh=None, pmap: bool = False,
 
 
 def replicate(state: TrainState) -> TrainState:
-  """Copies a state onto every local device for the pmapped step."""
+  """Copies a state onto every local device for the pmapped step (the mesh
+  step takes `create_train_state(..., mesh=mesh)` or `put_replicated`)."""
   n = jax.local_device_count()
   stack = lambda a: np.broadcast_to(np.asarray(a), (n,) + np.shape(a))
   return jax.pmap(lambda s: s)(jax.tree_util.tree_map(stack, state))
 
 
 def unreplicate(state: TrainState) -> TrainState:
-  """The first local device's copy of a replicated state.
+  """The first local device's copy of a pmap-replicated state.
 
   Reads that device's shard directly: indexing the pmapped array (`a[0]`)
   runs a gather over all local devices, which can hang in multi-process runs
@@ -356,7 +364,8 @@ def unreplicate(state: TrainState) -> TrainState:
 
 
 def shard_batch(batch, num_devices: Optional[int] = None):
-  """[B, ...] -> [devices, B // devices, ...], with a clear error if B does not divide."""
+  """[B, ...] -> [devices, B // devices, ...] for the pmapped step, with a
+  clear error if B does not divide."""
   n = num_devices or jax.local_device_count()
   def reshape(a):
     per = check_batch_divides(a.shape[0], n)

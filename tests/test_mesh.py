@@ -13,7 +13,6 @@ margin splits the devices' shards (test_pmap), so a hinge decided per device
 would fail.
 """
 
-import functools
 import glob
 import os
 
