@@ -38,7 +38,8 @@ def make_mesh(num_devices: Optional[int] = None) -> Mesh:
   if not 1 <= num_devices <= jax.device_count():
     raise ValueError(f'num_devices={num_devices}: this process has '
                      f'{jax.device_count()} devices.')
-  return Mesh(np.asarray(jax.devices()[:num_devices]), (AXIS_NAME,))
+  return jax.make_mesh((num_devices,), (AXIS_NAME,),
+                       devices=jax.devices()[:num_devices])
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

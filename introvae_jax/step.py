@@ -315,7 +315,8 @@ def make_train_step(config, *, mesh=None, pmap: bool = False,
   of `jax.shard_map(train_step)` over the mesh axis 'batch'. It takes the
   state as global arrays replicated on the mesh and the global batch [B, ...]
   sharded on 'batch' (`parallel.global_batch`; host arrays are placed there
-  too in single-process runs), and returns the replicated new state and
+  too in single-process runs), optionally `noise=(eps, z_p)` [B, hdim] each
+  as `train_step` takes it, and returns the replicated new state and
   metrics. Each device runs `train_step` on its B / devices rows, exactly as
   under pmap: BatchNorm normalises per device (across devices with
   `sync_batch_stats`), the hinge sees the global batch means, gradients and
@@ -336,12 +337,20 @@ def make_train_step(config, *, mesh=None, pmap: bool = False,
     return jax.pmap(fn, axis_name=AXIS_NAME, donate_argnums=donate_argnums)
   mesh = parallel.make_mesh() if mesh is None else mesh
   check_batch_divides(config.batch_size, mesh.size)
-  mapped = jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(AXIS_NAME)),
+  # check_vma=False: pmap's semantics (the step averages over the axis itself).
+  mapped = jax.shard_map(lambda state, batch, noise: fn(state, batch, noise=noise),
+                         mesh=mesh, in_specs=(P(), P(AXIS_NAME), P(AXIS_NAME)),
                          out_specs=(P(), P()), check_vma=False)
-  state_sharding = parallel.replicated(mesh)
-  return jax.jit(mapped, donate_argnums=donate_argnums,
-                 in_shardings=(state_sharding, parallel.batch_sharded(mesh)),
-                 out_shardings=(state_sharding, state_sharding))
+  replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+
+  def mesh_step(state, batch, noise=None):
+    # A no-op for inputs placed as documented; places host arrays.
+    state, batch, noise = jax.reshard((state, batch, noise),
+                                      (replicated, sharded, sharded))
+    return mapped(state, batch, noise)
+
+  return jax.jit(mesh_step, donate_argnums=donate_argnums,
+                 out_shardings=(replicated, replicated))
 
 
 def replicate(state: TrainState) -> TrainState:

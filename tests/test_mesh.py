@@ -96,6 +96,25 @@ def test_mesh_step_equals_pmapped_step_float64(model):
 
 
 @MESH_X64
+def test_mesh_step_takes_injected_noise_and_host_arrays():
+  """`noise=(eps, z_p)` as `train_step` takes it (global [B, hdim], sliced per
+  device like the drawn noise), with NumPy inputs placed by the step."""
+  config, state = float64_setup('conv_sync_bn')
+  x = batches(config, 1)[0]
+  rs = np.random.RandomState(3)
+  noise = tuple(rs.randn(config.batch_size, config.hdim) for _ in range(2))
+  step = introvae_jax.make_train_step(config, mesh=parallel.make_mesh(),
+                                      donate=False)
+  got, got_metrics = step(to_numpy(state), x, noise=noise)
+  want, want_metrics = introvae_jax.train_step(state, x, config, noise=noise)
+  for name, value in want_metrics.items():
+    np.testing.assert_allclose(np.asarray(got_metrics[name]), value,
+                               rtol=1e-8, atol=1e-12, err_msg=name)
+  assert_trees_close(to_numpy(got), to_numpy(want), rtol=1e-8,
+                     atol_scale=1e-10, what='state after an injected-noise step')
+
+
+@MESH_X64
 def test_running_statistics_are_the_mean_over_devices():
   """Without synced BatchNorm each device normalises its own 2 rows and
   updates its own running statistics; the replicated state keeps their mean.
@@ -146,6 +165,15 @@ def test_global_batch_rows_and_prefetch_order():
   assert pulled == [0, 1, 2]       # the current batch and two ahead
   rest = list(out)
   assert [int(np.asarray(b)[0, 0]) for b in [first] + rest] == [0, 1, 2, 3, 4]
+
+
+@MESH
+def test_mesh_of_some_devices():
+  mesh = parallel.make_mesh(2)
+  assert mesh.axis_names == ('batch',) and mesh.devices.tolist() == jax.devices()[:2]
+  assert parallel.make_mesh().devices.size == DEVICES
+  with pytest.raises(ValueError, match='num_devices=5: this process has 4 devices'):
+    parallel.make_mesh(5)
 
 
 @MESH
