@@ -117,8 +117,8 @@ def save(manager: ocp.CheckpointManager, state: step_lib.TrainState,
       return a
     return np.asarray(a)
   state = jax.tree_util.tree_map(for_orbax, state)
-  step = int(np.asarray(parallel.local_copy(state.step)))
-  return manager.save(step, args=ocp.args.StandardSave(state), force=force)
+  return manager.save(parallel.host_int(state.step),
+                      args=ocp.args.StandardSave(state), force=force)
 
 
 def _key_name(entry) -> str:

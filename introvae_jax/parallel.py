@@ -111,3 +111,8 @@ def local_copy(tree):
       return a.addressable_data(0)
     return a
   return jax.tree_util.tree_map(first, tree)
+
+
+def host_int(scalar) -> int:
+  """A replicated (or host) scalar's value, read on this process alone."""
+  return int(jax.device_get(local_copy(scalar)))

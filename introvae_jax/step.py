@@ -3,8 +3,9 @@
 `train_step(state, batch, config)` is a pure function: call it directly, wrap
 it in `jax.jit`, in `jax.shard_map` over a mesh axis 'batch' or in
 `jax.pmap(..., axis_name='batch')`, with `axis_name='batch'` (see
-`make_train_step`: the mesh step by default, `pmap=True` for pmap). In reference mode it performs the
-authors' iteration exactly (paper Algorithm 1, hhb072/IntroVAE `main.py`):
+`make_train_step`: the mesh step by default, `pmap=True` for pmap). In
+reference mode it performs the authors' iteration exactly (paper Algorithm 1,
+hhb072/IntroVAE `main.py`):
 
 1. encoder update on L_E, with ng(.) = `jax.lax.stop_gradient` on the
    reconstructions and prior samples it sees as fakes;
@@ -33,11 +34,10 @@ from typing import Any, Mapping, Optional
 import flax
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
 import optax
-
-from jax.sharding import PartitionSpec as P
 
 from introvae_jax import losses
 from introvae_jax import models

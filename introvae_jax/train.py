@@ -260,7 +260,7 @@ def _train(config, workdir: str, manager) -> step_lib.TrainState:
   mesh = parallel.make_mesh()
   state = checkpointing.restore(manager, config, mesh=mesh,
                                 move_damaged=is_host0)
-  start = 0 if state is None else _host_int(state.step)
+  start = 0 if state is None else parallel.host_int(state.step)
   data = input_pipeline.create_input_iter(config, start_step=start)
   if state is None:
     state = step_lib.create_train_state(
@@ -301,7 +301,7 @@ def _train(config, workdir: str, manager) -> step_lib.TrainState:
       _check_finite(host, last_good)
     if host:
       mean = {k: np.mean([m[k] for _, m in host]) for k in host[-1][1]}
-      mean['skipped_steps'] = _host_int(state.skipped_steps)
+      mean['skipped_steps'] = parallel.host_int(state.skipped_steps)
       mean['corrupt_images_skipped'] = len(data.corrupt_files)
       writer.write_scalars(step, mean)
       bar.set_postfix(loss_e=f"{mean['loss_e']:.4g}",
@@ -340,11 +340,6 @@ def _train(config, workdir: str, manager) -> step_lib.TrainState:
     writer.flush()
     manager.wait_until_finished()
   return state
-
-
-def _host_int(scalar) -> int:
-  """A replicated scalar's value, read on this process."""
-  return int(jax.device_get(parallel.local_copy(scalar)))
 
 
 _LAST_STOP_SIGNAL = None
