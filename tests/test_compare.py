@@ -103,10 +103,21 @@ def test_grid_tables_figure_skip_and_refusal(tmp_path, cache_dir):
                               eval_split_fraction=0.2, checkpoint_every_steps=2,
                               log_every_steps=1), ['vae'], [0], workdir,
                   results, num_images=16)
+  # A VAE cell never reads the hinge's fields: its results serve m_plus 6 too
+  # (nothing trains); an IntroVAE cell's do not.
+  other = tiny_config(num_train_steps=4, num_vae_steps=2, m_plus=6.0,
+                      weight_neg=0.25, eval_split_fraction=0.2,
+                      checkpoint_every_steps=2)
+  compare.compare(other, ['vae'], [0], workdir, results, num_images=16)
+  assert os.path.getmtime(cells['vae_seed0']['workdir']) == mtimes['vae_seed0']
+  with pytest.raises(errors.UserError,
+                     match=r'introvae_seed0.json holds the results of another '
+                     r'recipe \(m_plus: 5.0 -> 6.0; weight_neg: .* -> 0.25\)'):
+    compare.compare(other, ['introvae'], [0], workdir, results, num_images=16)
   with pytest.raises(errors.UserError,
                      match=r'vae_seed0.json holds the results of another '
-                     r'recipe \(m_plus: 5.0 -> 6.0\)'):
-    compare.compare(tiny_config(num_train_steps=4, num_vae_steps=2, m_plus=6.0,
+                     r'recipe \(lr_e: '):
+    compare.compare(tiny_config(num_train_steps=4, num_vae_steps=2, lr_e=1e-3,
                                 eval_split_fraction=0.2,
                                 checkpoint_every_steps=2), ['vae'], [0],
                     workdir, results, num_images=16)
