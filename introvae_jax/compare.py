@@ -304,24 +304,38 @@ def figure(cells: List[dict], objectives: Sequence[str], results: epath.Path,
 
 def compare(config, objectives: Sequence[str], seeds: Sequence[int],
             workdir: str, results: Optional[str] = None, *,
-            num_images: int = 1000, title: str = '') -> Optional[dict]:
+            num_images: int = 1000, title: str = '',
+            train: bool = True) -> Optional[dict]:
   """Runs (or reuses) every cell, then writes table.md, table.json and
   figure.png into `results` (default <workdir>/results); returns the table,
-  or None when a stop signal interrupted a cell (rerun to resume)."""
+  or None when a stop signal interrupted a cell (rerun to resume). With
+  `train=False` the tables come from the stored cells alone (a grid still
+  filling in); cells without a results file are left out and logged."""
   configuration.validate(config)
   for o in objectives:
     cell_config(config, o, 0)  # every objective is valid before any training
   results = epath.Path(results or workdir_lib.path(workdir, 'results'))
   results.mkdir(parents=True, exist_ok=True)
-  cells = []
+  cells, missing = [], []
   for seed in seeds:
     for objective in objectives:
+      if not train and not (results / f'{cell_name(objective, seed)}.json'
+                            ).exists():
+        missing.append(cell_name(objective, seed))
+        continue
       cell = run_cell(config, objective, seed, workdir, results,
                       num_images=num_images)
       if cell is None:
         logging.warning('Stopped; rerun the same command to continue.')
         return None
       cells.append(cell)
+  if missing:
+    logging.warning('Not run yet, left out of the tables: %s.',
+                    ', '.join(missing))
+  empty = [o for o in objectives if not any(c['objective'] == o for c in cells)]
+  if empty:
+    raise errors.UserError(f'No stored results in {results} for objective(s) '
+                           f'{", ".join(empty)}; run them without --notrain.')
   summary = table(cells, objectives)
   summary['config'] = _as_json(config)
   (results / 'table.json').write_text(json.dumps(summary, indent=1))
@@ -346,7 +360,7 @@ def main(argv):
   if not objectives or not seeds:
     raise errors.UserError('--objectives and --seeds need at least one entry.')
   summary = compare(f.config, objectives, seeds, f.workdir, f.results,
-                    num_images=f.num_images)
+                    num_images=f.num_images, train=f.train)
   if summary is None:
     raise SystemExit(130)
   print(markdown(summary, objectives, 'Comparison'))
@@ -367,5 +381,7 @@ if __name__ == '__main__':
                       'tables and figure (default: <workdir>/results).')
   flags.DEFINE_integer('num_images', 1000, 'Evaluation images (held-out '
                        'where the recipe holds images out).', lower_bound=2)
+  flags.DEFINE_bool('train', True, 'Run the missing cells; --notrain builds '
+                    'the tables and figure from the stored results only.')
   flags.mark_flag_as_required('config')
   cli.run(main)

@@ -152,3 +152,15 @@ def test_toy_cells_go_through_the_toy_protocol(tmp_path):
   assert summary['metrics']['jsd']['introvae']['n'] == 1
   assert (results / 'introvae_seed0_samples.png').exists()
   assert (results / 'figure.png').exists()
+  # --notrain: the tables from the stored cells alone; seed 1 is not run.
+  os.remove(results / 'table.json')
+  partial = compare.compare(config, ['vae', 'introvae'], [0, 1],
+                            str(tmp_path / 'runs'), str(results), train=False)
+  assert not (tmp_path / 'runs' / 'vae_seed1').exists()
+  assert partial['seeds'] == {'vae': [0], 'introvae': [0]}
+  assert partial['metrics']['kl'] == summary['metrics']['kl']
+  assert json.load(open(results / 'table.json'))['seeds'] == partial['seeds']
+  with pytest.raises(errors.UserError, match='No stored results .* for '
+                     r'objective\(s\) vae; run them without --notrain'):
+    compare.compare(config, ['vae'], [1], str(tmp_path / 'runs'),
+                    str(results), train=False)
