@@ -319,9 +319,9 @@ def compare(config, objectives: Sequence[str], seeds: Sequence[int],
   cells, missing = [], []
   for seed in seeds:
     for objective in objectives:
-      if not train and not (results / f'{cell_name(objective, seed)}.json'
-                            ).exists():
-        missing.append(cell_name(objective, seed))
+      name = cell_name(objective, seed)
+      if not train and not (results / f'{name}.json').exists():
+        missing.append(name)
         continue
       cell = run_cell(config, objective, seed, workdir, results,
                       num_images=num_images)
