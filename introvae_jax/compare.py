@@ -89,14 +89,15 @@ def summarize(values: Sequence[float]) -> Dict[str, float]:
 def contrast(base: Dict[str, float], other: Dict[str, float], metric: str):
   """How much `other` improves on `base`: {'gain': relative improvement of
   the mean (0.2 = 20% better), 'gap_in_std': improvement of the mean over the
-  larger of the two stds}, positive when `other` is better."""
+  larger of the two stds}, positive when `other` is better; either is None
+  where it is undefined (a base mean of 0, no spread on either side)."""
   sign = better(metric)
   if not sign or not base['n'] or not other['n']:
     return None
   diff = sign * (other['mean'] - base['mean'])
   spread = max(base['std'], other['std'])
-  return dict(gain=diff / abs(base['mean']) if base['mean'] else float('nan'),
-              gap_in_std=diff / spread if spread else float('inf'))
+  return dict(gain=diff / abs(base['mean']) if base['mean'] else None,
+              gap_in_std=diff / spread if spread else None)
 
 
 def table(cells: List[dict], objectives: Sequence[str]) -> dict:
@@ -129,8 +130,12 @@ def markdown(summary: dict, objectives: Sequence[str], title: str) -> str:
                        for o in objectives]
     for o in objectives[1:]:
       c = summary['contrasts'][o][metric]
-      cols.append('' if c is None else
-                  f'{100 * c["gain"]:+.1f}%, {c["gap_in_std"]:+.1f}')
+      if c is None:
+        cols.append('')
+        continue
+      gain = 'n/a' if c['gain'] is None else f'{100 * c["gain"]:+.1f}%'
+      gap = 'n/a' if c['gap_in_std'] is None else f'{c["gap_in_std"]:+.1f}'
+      cols.append(f'{gain}, {gap}')
     lines.append('| ' + ' | '.join(cols) + ' |')
   return '\n'.join(lines) + '\n'
 
@@ -341,7 +346,8 @@ def compare(config, objectives: Sequence[str], seeds: Sequence[int],
   (results / 'table.json').write_text(json.dumps(summary, indent=1))
   (results / 'table.md').write_text(markdown(
       summary, objectives, title or f'{" vs ".join(objectives)}, '
-      f'{config.dataset}, {config.num_train_steps} steps'))
+      f'{config.toy.dataset if is_toy(config) else config.dataset}, '
+      f'{config.num_train_steps} steps'))
   figure(cells, objectives, results, config.m_plus)
   logging.info('Tables and figure in %s', results)
   return summary

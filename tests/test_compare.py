@@ -29,6 +29,16 @@ def test_summaries_and_contrasts_by_hand():
   assert psnr['gain'] == pytest.approx(-0.25)
   assert compare.contrast(base, other, 'swd_32')['gain'] == pytest.approx(0.25)
   assert compare.contrast(base, other, 'kl_real') is None  # no direction
+  # A base mean of 0 (the VAE's 0 modes) has no relative gain; no spread on
+  # either side has no gap in stds. Both are None in JSON, 'n/a' in markdown.
+  zero, eight = dict(mean=0.0, std=0.0, n=1), dict(mean=8.0, std=0.0, n=3)
+  modes = compare.contrast(zero, eight, 'modes_covered')
+  assert modes == dict(gain=None, gap_in_std=None)
+  summary = dict(metrics={'modes_covered': dict(vae=zero, introvae=eight)},
+                 contrasts=dict(introvae={'modes_covered': modes}),
+                 seeds=dict(vae=[0], introvae=[0, 1, 2]))
+  row = compare.markdown(summary, ['vae', 'introvae'], 't').splitlines()[-1]
+  assert row == '| modes_covered | 0 +- 0 | 8 +- 0 | n/a, n/a |'
 
 
 def test_vae_cell_is_the_same_run_with_warmup_everywhere():
@@ -152,6 +162,8 @@ def test_toy_cells_go_through_the_toy_protocol(tmp_path):
   assert summary['metrics']['jsd']['introvae']['n'] == 1
   assert (results / 'introvae_seed0_samples.png').exists()
   assert (results / 'figure.png').exists()
+  assert (results / 'table.md').read_text().startswith(
+      '# vae vs introvae, 8gaussians, 40 steps\n')
   # --notrain: the tables from the stored cells alone; seed 1 is not run.
   os.remove(results / 'table.json')
   partial = compare.compare(config, ['vae', 'introvae'], [0, 1],
