@@ -7,7 +7,9 @@ Each (objective, seed) cell is an ordinary training run
 (`train.train_and_evaluate`) in `<workdir>/<objective>_seed<k>`, so it resumes
 and shows progress, then evaluated by `evaluation.evaluate_workdir`. `vae` is
 the same config with the plain-VAE warm-up over every step
-(`num_vae_steps = num_train_steps`); `introvae` is the config as given. There
+(`num_vae_steps = num_train_steps`); `betavae` is that VAE with the recipe's
+`weight_rec`/`weight_kl` (the ablation that separates the reconstruction
+weight from the introspective terms); `introvae` is the config as given. There
 is no second code path.
 
 Each cell's results go to `<results>/<objective>_seed<k>.json` (metrics, the
@@ -31,11 +33,17 @@ from introvae_jax import errors
 from introvae_jax import sampling
 from introvae_jax import workdir as workdir_lib
 
-OBJECTIVES = ('vae', 'introvae')
-# Fields a `vae` cell never reads: its warm-up uses w_rec = w_kl = 1 and no
-# hinge at every step (step._update). Changing them keeps its results valid,
-# so one VAE baseline serves every IntroVAE recipe of a search.
-UNREAD_BY_VAE = frozenset({'m_plus', 'weight_neg', 'weight_rec', 'weight_kl'})
+OBJECTIVES = ('vae', 'introvae', 'betavae')
+# Fields a cell never reads, by objective: `vae` trains the reference warm-up
+# (L_AE + KL) at every step, `betavae` the warm-up with the recipe's weight_rec
+# and weight_kl (a beta-VAE, beta = weight_kl / weight_rec), neither with the
+# hinge (step._update). Changing them keeps the cell's results valid, so one
+# baseline serves every IntroVAE recipe of a search.
+UNREAD = {
+    'vae': frozenset({'m_plus', 'weight_neg', 'weight_rec', 'weight_kl'}),
+    'betavae': frozenset({'m_plus', 'weight_neg'}),
+    'introvae': frozenset(),
+}
 # Metrics where lower is better; rec_psnr is higher-is-better; KLs have no
 # direction (they are the introspective signal, not a quality).
 LOWER_IS_BETTER = ('fd_digit', 'kid_digit_mean', 'fid', 'kid_mean', 'rec_mse',
@@ -49,16 +57,19 @@ def cell_name(objective: str, seed: int) -> str:
 
 
 def cell_config(config, objective: str, seed: int):
-  """The training config of one cell: `config` with `seed`, and for `vae` the
-  warm-up over every step."""
+  """The training config of one cell: `config` with `seed`; for `vae` the
+  warm-up over every step, for `betavae` that warm-up weighted like the recipe
+  (vae_weight_rec/kl = weight_rec/kl)."""
   if objective not in OBJECTIVES:
     raise errors.UserError(f'Unknown objective {objective!r}; use one of '
                            f'{", ".join(OBJECTIVES)}.')
   cell = config.copy_and_resolve_references()
   with cell.unlocked():
     cell.seed = seed
-    if objective == 'vae':
+    if objective in ('vae', 'betavae'):
       cell.num_vae_steps = cell.num_train_steps
+      if objective == 'betavae':
+        cell.vae_weight_rec, cell.vae_weight_kl = cell.weight_rec, cell.weight_kl
     elif cell.num_vae_steps >= cell.num_train_steps:
       raise errors.UserError(
           f'objective introvae: num_vae_steps={cell.num_vae_steps} covers all '
@@ -201,10 +212,10 @@ def _as_json(config) -> dict:
 def _check_stored(path: epath.Path, stored: dict, config,
                   objective: str) -> None:
   """UserError unless the results file was made with `config`'s identity
-  fields (those a resume may not change; for `vae`, those it reads)."""
-  changes = configuration.identity_changes(stored['config'], _as_json(config))
-  if objective == 'vae':
-    changes = [c for c in changes if c[0] not in UNREAD_BY_VAE]
+  fields (those a resume may not change and the objective reads)."""
+  changes = [c for c in configuration.identity_changes(stored['config'],
+                                                       _as_json(config))
+             if c[0] not in UNREAD[objective]]
   if changes:
     listed = '; '.join(f'{n}: {a!r} -> {b!r}' for n, a, b in changes)
     raise errors.UserError(

@@ -44,6 +44,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.weight_kl = 1.0
   c.weight_neg = 0.5
   c.num_vae_steps = 0           # plain-VAE warm-up steps (reference: num_vae epochs).
+  c.vae_weight_rec = 1.0        # warm-up loss vae_weight_rec*L_AE + vae_weight_kl*KL
+  c.vae_weight_kl = 1.0         # (reference: 1 and 1; compare's betavae: the recipe's).
 
   # Optimisers: two Adams, no schedule, no clipping, no weight decay.
   c.lr_e = 2e-4
@@ -197,7 +199,8 @@ def validate(config) -> None:
   if config.batch_size < 1:
     fail(f'batch_size={config.batch_size} must be positive.')
   _validate_distributed(config, fail)
-  for name in ('lr_e', 'lr_g', 'weight_rec', 'weight_kl', 'weight_neg', 'm_plus'):
+  for name in ('lr_e', 'lr_g', 'weight_rec', 'weight_kl', 'weight_neg', 'm_plus',
+               'vae_weight_rec', 'vae_weight_kl'):
     if config[name] < 0:
       fail(f'{name}={config[name]} must be >= 0.')
   if config.num_vae_steps < 0:

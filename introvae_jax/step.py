@@ -142,19 +142,21 @@ def _adam_step(tx, grads, opt_state, params):
 def _update(nets, state, x, eps, z_p, config, axis_name):
   """One iteration, reference ('reference') or one-pass ('fused') mode.
 
-  The VAE warm-up is this same computation with w_rec = w_kl = 1 and no
-  adversarial terms (so L_E = L_AE + KL and the decoder's gradient is that of
-  L_AE), the running statistics of the fake-image calls discarded. Selecting
-  weights, rather than branching with `lax.cond`, keeps one compiled function
-  and XLA:CPU fast (a conditional made the step 15x slower there).
+  The VAE warm-up is this same computation with w_rec = vae_weight_rec,
+  w_kl = vae_weight_kl (the reference's 1 and 1) and no adversarial terms (so
+  L_E = w_rec*L_AE + w_kl*KL and the decoder's gradient is that of
+  w_rec*L_AE), the running statistics of the fake-image calls discarded.
+  Selecting weights, rather than branching with `lax.cond`, keeps one
+  compiled function and XLA:CPU fast (a conditional made the step 15x slower
+  there).
   """
   (encoder, decoder), (tx_e, tx_g) = nets
   warmup = (state.step < config.num_vae_steps) if config.num_vae_steps else False
   ct = jnp.promote_types(jnp.dtype(config.dtype), jnp.float32)
   phase = lambda warm, adv: jnp.where(warmup, warm, adv).astype(ct) if config.num_vae_steps \
       else jnp.asarray(adv, ct)
-  w_rec = phase(1.0, config.weight_rec)
-  w_kl = phase(1.0, config.weight_kl)
+  w_rec = phase(config.vae_weight_rec, config.weight_rec)
+  w_kl = phase(config.vae_weight_kl, config.weight_kl)
   w_neg, m = config.weight_neg, config.m_plus
   w_adv = phase(0.0, w_kl * 0.5 * w_neg)     # on each hinge term in L_E
   w_kl_g = phase(0.0, 0.5 * w_kl)            # on each KL term in L_G

@@ -56,6 +56,43 @@ def test_vae_cell_is_the_same_run_with_warmup_everywhere():
     compare.cell_config(config, 'gan', 0)
 
 
+def test_betavae_cell_is_the_vae_with_the_recipes_weights():
+  config = tiny_config(num_train_steps=7, num_vae_steps=2, weight_rec=4.0,
+                       weight_kl=0.5)
+  beta = compare.cell_config(config, 'betavae', 1)
+  vae = compare.cell_config(config, 'vae', 1)
+  assert (beta.num_vae_steps, beta.vae_weight_rec, beta.vae_weight_kl) == (
+      7, 4.0, 0.5)
+  assert (vae.vae_weight_rec, vae.vae_weight_kl) == (1.0, 1.0)
+  assert {k for k in config if beta[k] != vae[k]} == {'vae_weight_rec',
+                                                      'vae_weight_kl'}
+
+
+@pytest.mark.parametrize('objective,field,value,refused', [
+    ('vae', 'm_plus', 6.0, False), ('vae', 'weight_rec', 2.0, False),
+    ('vae', 'lr_e', 1e-3, True),
+    ('betavae', 'm_plus', 6.0, False), ('betavae', 'weight_neg', 0.1, False),
+    ('betavae', 'weight_rec', 2.0, True),
+    ('introvae', 'm_plus', 6.0, True), ('introvae', 'vae_weight_rec', 2.0, True),
+])
+def test_stored_cell_is_refused_only_for_fields_its_objective_reads(
+    tmp_path, objective, field, value, refused):
+  config = tiny_config(num_train_steps=7, num_vae_steps=2, weight_rec=4.0)
+  stored = dict(config=compare._as_json(compare.cell_config(config, objective,
+                                                            0)))
+  changed = config.copy_and_resolve_references()
+  with changed.unlocked():
+    changed[field] = value
+  cell = compare.cell_config(changed, objective, 0)
+  path = tmp_path / 'cell.json'
+  if refused:
+    with pytest.raises(errors.UserError,
+                       match=rf'another recipe \((.*; )?{field}: '):
+      compare._check_stored(path, stored, cell, objective)
+  else:
+    compare._check_stored(path, stored, cell, objective)
+
+
 def _cell_files(results):
   return sorted(f for f in os.listdir(results) if f.endswith('_seed0.json')
                 or f.endswith('_seed1.json'))

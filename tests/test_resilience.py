@@ -132,7 +132,8 @@ def test_identity_and_free_fields_partition_the_schema():
   assert free <= set(config)
   for field in ('dataset', 'data_dir', 'image_size', 'image_channels',
                 'channels', 'hdim', 'arch', 'm_plus', 'weight_rec',
-                'weight_kl', 'weight_neg', 'num_vae_steps', 'lr_e', 'lr_g',
+                'weight_kl', 'weight_neg', 'num_vae_steps', 'vae_weight_rec',
+                'vae_weight_kl', 'lr_e', 'lr_g',
                 'batch_size', 'mode', 'dtype', 'seed', 'random_flip',
                 'shuffle_buffer', 'eval_split_fraction'):
     assert field not in free, field

@@ -93,11 +93,13 @@ def naive_step(config, st, x, eps, z_p, *, g_step_encoder='updated',
   new = dict(st, step=st['step'] + 1)
 
   if st['step'] < config.num_vae_steps:
-    # Warm-up (reference `train_vae`): model(real), loss = L_AE + KL.
+    # Warm-up (reference `train_vae`): model(real), loss = L_AE + KL, each
+    # term weighted by vae_weight_rec / vae_weight_kl (reference: 1 and 1).
+    a, b = config.vae_weight_rec, config.vae_weight_kl
     def vae_loss(pe, pg):
       (mu, lv), _ = call(encoder, pe, se, x)
       x_rec, _ = call(decoder, pg, sgs, mu + eps * jnp.exp(0.5 * lv))
-      return sse(x, x_rec).mean() + kl(mu, lv).mean()
+      return a * sse(x, x_rec).mean() + b * kl(mu, lv).mean()
     g_e = jax.grad(vae_loss, argnums=0)(pe, pg)
     g_g = jax.grad(vae_loss, argnums=1)(pe, pg)
     (mu, lv), new['se'] = call(encoder, pe, se, x)
@@ -107,7 +109,7 @@ def naive_step(config, st, x, eps, z_p, *, g_step_encoder='updated',
     new['pg'], new['opt_g'] = adam(pg, g_g, st['opt_g'], config.lr_g, config)
     # Only the quantities the warm-up defines (the fakes' KLs and a separate
     # decoder loss do not exist in the reference's `train_vae`).
-    metrics = dict(loss_rec=loss_rec, kl_real=kl_real, loss_e=loss_rec + kl_real,
+    metrics = dict(loss_rec=loss_rec, kl_real=kl_real, loss_e=a * loss_rec + b * kl_real,
                    grad_norm_e=global_norm(g_e), grad_norm_g=global_norm(g_g),
                    mu_mean=mu.mean(), logvar_mean=lv.mean(), vae_phase=1.0)
     return new, metrics, (g_e, g_g)
@@ -195,6 +197,9 @@ PHASES = {
     # 3 warm-up steps then the switch to the adversarial phase, in one
     # compiled function.
     'warmup': (dict(num_vae_steps=3), 4),
+    # The warm-up weighted like a beta-VAE (compare's `betavae`).
+    'warmup_weighted': (dict(num_vae_steps=3, vae_weight_rec=3.0,
+                             vae_weight_kl=0.5), 4),
     'adversarial': (dict(num_vae_steps=0), 3),
 }
 # A margin the tiny conv model's KLs cross: at the first adversarial step one
