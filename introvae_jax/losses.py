@@ -59,6 +59,7 @@ def decoder_loss(loss_rec, kl_rec, kl_fake, *, weight_rec, weight_kl):
   return weight_rec * loss_rec + 0.5 * weight_kl * (kl_rec + kl_fake)
 
 
-def vae_loss(loss_rec, kl_real):
-  """Warm-up loss L_AE + KL (both weight 1, reference `train_vae`)."""
-  return loss_rec + kl_real
+def vae_loss(loss_rec, kl_real, *, weight_rec=1.0, weight_kl=1.0):
+  """Warm-up loss w_rec*L_AE + w_kl*KL (config vae_weight_rec/kl; the
+  reference `train_vae` uses 1 and 1)."""
+  return weight_rec * loss_rec + weight_kl * kl_real

@@ -102,6 +102,9 @@ def test_decoder_loss_and_vae_loss():
   np.testing.assert_allclose(got, 0.05 * 200.0 + 0.5 * 0.8 * (30.0 + 60.0),
                              rtol=1e-6)
   np.testing.assert_allclose(losses.vae_loss(200.0, 3.0), 203.0, rtol=1e-6)
+  np.testing.assert_allclose(
+      losses.vae_loss(200.0, 3.0, weight_rec=4.0, weight_kl=0.5), 801.5,
+      rtol=1e-6)
 
 
 @pytest.mark.parametrize('kl_mean,expected', [(3.0, 5.0), (8.0, 0.0), (9.5, 0.0)])

@@ -109,7 +109,8 @@ def naive_step(config, st, x, eps, z_p, *, g_step_encoder='updated',
     new['pg'], new['opt_g'] = adam(pg, g_g, st['opt_g'], config.lr_g, config)
     # Only the quantities the warm-up defines (the fakes' KLs and a separate
     # decoder loss do not exist in the reference's `train_vae`).
-    metrics = dict(loss_rec=loss_rec, kl_real=kl_real, loss_e=a * loss_rec + b * kl_real,
+    metrics = dict(loss_rec=loss_rec, kl_real=kl_real,
+                   loss_e=a * loss_rec + b * kl_real,
                    grad_norm_e=global_norm(g_e), grad_norm_g=global_norm(g_g),
                    mu_mean=mu.mean(), logvar_mean=lv.mean(), vae_phase=1.0)
     return new, metrics, (g_e, g_g)
