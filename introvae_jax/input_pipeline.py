@@ -45,6 +45,7 @@ import io
 import math
 import os
 import threading
+import warnings
 from typing import Callable, Iterator
 
 from absl import logging
@@ -522,10 +523,27 @@ class _FileDecoder:
     return self.error
 
 
+# The largest image decoded (8192 x 8192 pixels, 256 MiB as RGB): a larger
+# one is a decompression bomb or no training image, and is treated as corrupt
+# before its pixels are decoded (PIL only warns below 2x its own limit).
+MAX_IMAGE_PIXELS = 8192 * 8192
+
+
 def _decode_file(path: str) -> np.ndarray:
   """uint8 [h, w, 1] for grayscale files, else [h, w, 3]; alpha dropped."""
   with tf.io.gfile.GFile(path, 'rb') as f:
-    image = Image.open(io.BytesIO(f.read()))
+    data = f.read()
+  with warnings.catch_warnings():  # the check below says it in our words
+    warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+    try:
+      image = Image.open(io.BytesIO(data))  # reads the header only
+    except Image.DecompressionBombError:  # over twice PIL's own limit
+      image = None
+  if image is None or image.width * image.height > MAX_IMAGE_PIXELS:
+    size = f'{image.width}x{image.height}' if image else 'its'
+    raise ValueError(
+        f'{size} pixels are over the limit of {MAX_IMAGE_PIXELS:,} for one '
+        'image (a decompression bomb?); downscale it or remove it')
   image = ImageOps.exif_transpose(image)  # cameras store rotation in EXIF.
   if image.mode.startswith('I'):  # 16-bit: convert('L') would clip at 255.
     pixels = np.asarray(image, np.float64) / 257

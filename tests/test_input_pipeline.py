@@ -3,6 +3,9 @@
 import logging
 import os
 import signal
+import struct
+import warnings
+import zlib
 
 import jax
 import numpy as np
@@ -268,6 +271,39 @@ def test_corrupt_image_raises_in_error_mode(tmp_path):
   with pytest.raises(ValueError, match=f'Cannot decode image file {bad}'):
     for _ in range(2):
       next(batches)
+
+
+def _png_claiming(path, width, height):
+  """A small PNG whose header claims width x height pixels (its data is that
+  of a 1x1 image): what a decompression bomb looks like before decoding."""
+  _write(str(path), [[7]])
+  data = bytearray(path.read_bytes())
+  ihdr = data[12:29]  # b'IHDR' + 13 bytes, then its CRC
+  ihdr[4:12] = struct.pack('>II', width, height)
+  data[12:29] = ihdr
+  data[29:33] = struct.pack('>I', zlib.crc32(bytes(ihdr)))
+  path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize('side', [12000, 20000])  # PIL: warning / error
+def test_decompression_bomb_is_skipped_with_our_message(tmp_path, caplog, side):
+  """An image over MAX_IMAGE_PIXELS is treated as corrupt before decoding, in
+  the project's words, with no PIL DecompressionBombWarning (before the fix
+  12000x12000 was decoded at 3.5x the usual memory after PIL's raw warning;
+  20000x20000 got PIL's own error text)."""
+  for i in range(3):
+    _write(str(tmp_path / f'good{i}.png'), np.full((4, 4), 100 + 50 * i))
+  bomb = tmp_path / 'bomb.png'
+  _png_claiming(bomb, side, side)
+  config = _config(dataset='folder', data_dir=str(tmp_path), image_size=4)
+  batches = input_pipeline.create_input_iter(config, num_local_devices=1)
+  with caplog.at_level(logging.WARNING), warnings.catch_warnings():
+    warnings.simplefilter('error', Image.DecompressionBombWarning)
+    levels = _levels(np.stack([next(batches)['image'] for _ in range(2)]))
+  assert set(levels) == {100, 150, 200}
+  assert batches.corrupt_files == [str(bomb)]
+  size = f'{side}x{side}' if side < 15000 else 'its'
+  assert f'{size} pixels are over the limit of 67,108,864' in caplog.text
 
 
 def test_unknown_tfds_name_is_rejected_with_hints():
