@@ -8,11 +8,13 @@ of `absl.app.run(main)`. Flag-parsing errors and `errors.UserError` (raised
 by library code with a message naming the flag or path and the fix) are
 printed as `<program>: error: <message>` and exit with status 2, without a
 traceback; `--verbosity=1` (`-v 1`) prints the traceback as well. Other
-exceptions are bugs and keep their traceback.
+exceptions are bugs and keep their traceback. A config file that does not
+load, or whose get_config() raises, is reported naming the file and line.
 """
 
 import logging as std_logging
 import os
+import re
 import sys
 import traceback
 from typing import Callable, NoReturn, Sequence
@@ -48,41 +50,125 @@ def _clean(error: BaseException) -> str:
   return ' '.join(text.split())
 
 
-def _config_file_error() -> None:
+def _config_file_error(flag_values) -> None:
   """Exits naming a config-file flag whose file did not load (config_flags
   defers that error to the first use of the config)."""
-  for name in list(flags.FLAGS):
-    value = flags.FLAGS[name].value
-    if type(value).__name__ == '_ErrorConfig':
-      cause = str(value._error).strip().splitlines()[-1].strip()  # pylint: disable=protected-access
+  for name in list(flag_values):
+    flag = flag_values[name]
+    if type(flag.value).__name__ == '_ErrorConfig':
+      cause = str(flag.value._error).strip().splitlines()[-1].strip()  # pylint: disable=protected-access
       exit_with_error(f'--{name}: cannot load the config file ({cause}); pass '
                       'a config file such as configs/default.py.')
+    if (flag.present and flag.value is None and
+        type(flag.parser).__name__ == 'ConfigFileFlagParser'):
+      exit_with_error(f'{flag.serialize()}: its get_config() returned None; '
+                      'it must return the config.')
 
 
-def _parse_flags(argv: Sequence[str]):
-  """absl's parsing; any failure, config-file overrides included, is a usage
-  error naming the flag."""
+def _short(text: str, limit: int = 120) -> str:
+  text = ' '.join(str(text).split())
+  return text if len(text) <= limit else text[:limit - 3] + '...'
+
+
+def _chain(error: BaseException):
+  """`error` and the exceptions it was raised from or while handling."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    yield error
+    error = error.__cause__ or error.__context__
+
+
+def _config_file_failure(error: BaseException):
+  """(flag name, config file, the original exception, its line in the file
+  or None) when `error` came from loading a config file or running its
+  get_config(), else None.
+
+  config_flags raises these from `ConfigFileFlagParser.parse`, bare or
+  wrapped (in a TypeError/ValueError holding a traceback, then in absl's
+  IllegalFlagValueError), so the innermost exception that passed through
+  that frame is the user's.
+  """
+  found = None
+  for exc in _chain(error):
+    for frame, _ in traceback.walk_tb(exc.__traceback__):
+      parser = frame.f_locals.get('self')
+      if (frame.f_code.co_name == 'parse' and
+          type(parser).__name__ == 'ConfigFileFlagParser'):
+        found = (parser.name, str(frame.f_locals.get('path', '')), exc)
+        break
+  if found is None or 'Failed loading config file' in str(found[2]):
+    return None  # the file itself is missing: _config_file_error says so
+  name, argument, exc = found
+  path = argument.split(':', 1)[0]
+  line = None
+  if isinstance(exc, SyntaxError):  # in the file, or in a module it imports
+    path, line = exc.filename or path, exc.lineno
+  else:
+    for frame, lineno in traceback.walk_tb(exc.__traceback__):
+      if os.path.abspath(frame.f_code.co_filename) == os.path.abspath(path):
+        line = lineno  # the innermost line of the file: where it failed
+  return name, path, exc, line
+
+
+def _exit_if_config_file_failed(error: BaseException) -> None:
+  """A config file that does not parse or whose get_config() raises: one line
+  naming the file (and the line), never the --config overrides."""
+  failure = _config_file_failure(error)
+  if failure is None:
+    return
+  name, path, exc, line = failure
+  where = f'--{name}: {path}' + (f' line {line}' if line else '')
+  text = str(exc)
+  if isinstance(exc, SyntaxError):
+    exit_with_error(f'{where}: syntax error: {_short(exc.msg)}.')
+  if isinstance(exc, AttributeError) and 'get_config' in text and not line:
+    exit_with_error(f'--{name}: {path} has no get_config(); a config file '
+                    'defines get_config() returning the config, as '
+                    'configs/default.py does.')
+  key = re.search(r'Key "([^"]+)" does not exist', text)
+  if key:
+    guess = re.search(r'Did you mean "([^"]+)"', text)
+    hint = (f"did you mean '{guess.group(1)}'?" if guess else
+            'the fields are in introvae_jax/configuration.py')
+    exit_with_error(f"{where}: unknown config field '{key.group(1)}' ({hint})")
+  typed = re.search(r"override field '([^']+)'.*of original type <class "
+                    r"'(\w+)'> and cannot be casted to type <class '(\w+)'>",
+                    text)
+  if typed:
+    field, given, wanted = typed.groups()
+    exit_with_error(f'{where}: config field {field!r} needs type {wanted}, '
+                    f'not {given}.')
+  if isinstance(exc, UserError):
+    exit_with_error(f'{where}: {_short(text, 160)}')
+  exit_with_error(f'{where}: {type(exc).__name__}: {_short(text)}')
+
+
+def _parse_flags(argv: Sequence[str], flag_values=None):
+  """absl's parsing of `flag_values` (flags.FLAGS); any failure, config files
+  and their overrides included, is a usage error naming the flag or file."""
+  flag_values = flags.FLAGS if flag_values is None else flag_values
   try:
-    remaining = flags.FLAGS(argv)
-  except flags.Error as e:
-    _config_file_error()
-    exit_with_error(f'{e} (run with --helpfull to list the flags).')
-  except (AttributeError, KeyError) as e:  # config_flags: an unknown field
-    text = _clean(e)
-    field = text.split("'")[1] if text.count("'") >= 2 else ''
-    bad = [a.split('=')[0] for a in argv[1:]
-           if field and a.startswith('--') and a.split('=')[0].endswith(field)]
-    exit_with_error(f'{bad[0] if bad else "a --config override"}: unknown '
-                    f'config field {text}')
+    remaining = flag_values(argv)
   except Exception as e:  # pylint: disable=broad-except
-    _config_file_error()
+    _exit_if_config_file_failed(e)
+    if isinstance(e, flags.Error):
+      _config_file_error(flag_values)
+      exit_with_error(f'{e} (run with --helpfull to list the flags).')
     text = _clean(e)
+    if isinstance(e, (AttributeError, KeyError)):  # an unknown override field
+      field = text.split("'")[1] if text.count("'") >= 2 else ''
+      bad = [a.split('=')[0] for a in argv[1:] if field and a.startswith('--')
+             and a.split('=')[0].endswith(field)]
+      exit_with_error(f'{bad[0] if bad else "a --config override"}: unknown '
+                      f'config field {text}')
+    _config_file_error(flag_values)
     if 'Failed loading config file' in text:  # overrides of a missing file
       cause = text[text.find('[Errno'):] if '[Errno' in text else text
       exit_with_error(f'--config: cannot load the config file ({cause}); '
                       'pass a config file such as configs/default.py.')
     exit_with_error(f'{text} (check the flags).')
-  _config_file_error()
+  _config_file_error(flag_values)
   return remaining
 
 

@@ -3,9 +3,15 @@
 Recipe files in `configs/` start from `base_config()` and change a few fields.
 The returned ConfigDict is locked, so a misspelled field raises at once.
 Field names follow the reference code (`m_plus`, `weight_rec`, ...).
+`CONSTRAINTS`, beside the schema, says what each field accepts; `validate`
+checks every field against it, then the fields that depend on each other.
 """
 
+import dataclasses
 import json
+import math
+import numbers
+from typing import Any, Optional, Tuple
 
 from etils import epath
 import jax
@@ -16,6 +22,153 @@ from introvae_jax.errors import ConfigError
 MODES = ('reference', 'fused')
 ARCHS = ('conv', 'mlp')
 DTYPES = ('float32', 'bfloat16', 'float64')  # bfloat16: mixed precision.
+
+
+# --------------------------------------------------------------------------
+# Kinds of constraint, for CONSTRAINTS below base_config(). `problem(value)`
+# is None for an allowed value, else the rest of the sentence
+# "<field>=<value> ...".
+
+def _is_int(value) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _type_name(value) -> str:
+  return type(value).__name__
+
+
+@dataclasses.dataclass(frozen=True)
+class Int:
+  """An int (not a bool) in [low, high]; `special` values (with their
+  meaning) are allowed too, e.g. -1: detect it."""
+  low: Optional[int] = None
+  high: Optional[int] = None
+  special: Tuple[Tuple[int, str], ...] = ()
+  note: str = ''
+
+  def allowed(self) -> str:
+    if self.low is not None and self.high is not None:
+      text = f'in [{self.low}, {self.high}]'
+    else:
+      text = f'>= {self.low}' if self.low is not None else f'<= {self.high}'
+    text += ''.join(f', or {v} to {why}' for v, why in self.special)
+    return text + (f' ({self.note})' if self.note else '')
+
+  def problem(self, value) -> Optional[str]:
+    if not _is_int(value):
+      return f'has type {_type_name(value)}; use an int {self.allowed()}'
+    if value in dict(self.special):
+      return None
+    if ((self.low is not None and value < self.low) or
+        (self.high is not None and value > self.high)):
+      return f'must be {self.allowed()}'
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Float:
+  """A finite number (ints too, not bools) above `low` and below `high`,
+  each bound included unless open."""
+  low: Optional[float] = None
+  high: Optional[float] = None
+  low_open: bool = False
+  high_open: bool = False
+  note: str = ''
+
+  def allowed(self) -> str:
+    if self.low is not None and self.high is not None:
+      text = (f'in {"(" if self.low_open else "["}{self.low:g}, '
+              f'{self.high:g}{")" if self.high_open else "]"}')
+    elif self.low is not None:
+      text = f'finite and {">" if self.low_open else ">="} {self.low:g}'
+    else:
+      text = f'finite and {"<" if self.high_open else "<="} {self.high:g}'
+    return text + (f' ({self.note})' if self.note else '')
+
+  def problem(self, value) -> Optional[str]:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+      return f'has type {_type_name(value)}; use a number {self.allowed()}'
+    v = float(value)
+    low_ok = self.low is None or (v > self.low if self.low_open
+                                  else v >= self.low)
+    high_ok = self.high is None or (v < self.high if self.high_open
+                                    else v <= self.high)
+    if not (math.isfinite(v) and low_ok and high_ok):
+      return f'must be {self.allowed()}'
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+  """One of `options` (of their type: 3 is not '3', True is not 1)."""
+  options: Tuple[Any, ...]
+
+  def allowed(self) -> str:
+    return f'one of {self.options}'
+
+  def problem(self, value) -> Optional[str]:
+    if not any(type(value) is type(o) and value == o for o in self.options):  # pylint: disable=unidiomatic-typecheck
+      return f'is not allowed; use {self.allowed()}'
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Bool:
+  """True or False (not 0 or 1)."""
+
+  def allowed(self) -> str:
+    return 'True or False'
+
+  def problem(self, value) -> Optional[str]:
+    if not isinstance(value, bool):
+      return f'has type {_type_name(value)}; use True or False'
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Str:
+  """A string; `nonempty` refuses ''."""
+  nonempty: bool = False
+
+  def allowed(self) -> str:
+    return 'a non-empty string' if self.nonempty else 'a string'
+
+  def problem(self, value) -> Optional[str]:
+    if not isinstance(value, str):
+      return f'has type {_type_name(value)}; use {self.allowed()}'
+    if self.nonempty and not value.strip():
+      return f'must be {self.allowed()}'
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class PositiveInts:
+  """A non-empty tuple (or list) of ints >= 1, e.g. layer widths."""
+
+  def allowed(self) -> str:
+    return 'a non-empty tuple of ints >= 1, e.g. (16, 32, 64)'
+
+  def problem(self, value) -> Optional[str]:
+    if (not isinstance(value, (tuple, list)) or not value or
+        not all(_is_int(v) and v >= 1 for v in value)):
+      return f'must be {self.allowed()}'
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class FieldNames:
+  """Config field names separated by commas ('' for none)."""
+
+  def allowed(self) -> str:
+    return "config field names separated by commas, e.g. 'dataset,batch_size'"
+
+  def problem(self, value) -> Optional[str]:
+    if not isinstance(value, str):
+      return f'has type {_type_name(value)}; use {self.allowed()}'
+    unknown = sorted(_names(value) - set(CONSTRAINTS))
+    if unknown:
+      return f'names unknown fields {_shown(unknown)}; give {self.allowed()}'
+    return None
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -83,6 +236,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.max_to_keep = 3
   c.num_image_samples = 64
   c.on_nonfinite = 'stop'       # 'stop' (keep last good checkpoint) or 'skip'.
+  c.max_consecutive_skips = 10  # 'skip': stop after this many skips in a row.
 
   # Evaluation during training (introvae_jax.evaluation), written to TensorBoard.
   c.eval_every_steps = 0        # 0: off.
@@ -96,6 +250,88 @@ def base_config() -> ml_collections.ConfigDict:
   return c.lock()
 
 
+# What each field accepts: every field of base_config() has an entry
+# (tests/test_configuration.py checks), so none reaches the code unchecked.
+_COUNT = Int(low=1)            # sizes, widths, intervals, step counts
+_WEIGHT = Float(low=0.0)       # loss weights and the margin
+_LR = Float(low=0.0, high=1.0, low_open=True,
+            note='a learning rate; the reference uses 2e-4')
+_BETA = Float(low=0.0, high=1.0, high_open=True)
+_PATH = Str()                  # '' means "the default" for every path field
+_DETECT = ((-1, 'detect it'),)
+
+CONSTRAINTS = {
+    # JAX's default PRNG keys hold 32 bits, and the loop also uses seed + 1
+    # and seed + 2; NumPy's SeedSequence (data order) refuses negatives.
+    'seed': Int(low=0, high=2**31 - 1),
+    'arch': Choice(ARCHS),
+    'image_size': _COUNT,          # conv: 4 * 2**len(channels), checked below
+    'channels': PositiveInts(),
+    'image_channels': Choice((1, 3)),
+    'hdim': _COUNT,
+    'reference_layout': Bool(),
+    'dtype': Choice(DTYPES),
+    'conv_impl': Choice(('xla', 'im2col')),
+    'remat': Bool(),
+    'data_dim': _COUNT,
+    'mlp_hidden': PositiveInts(),
+    'mode': Choice(MODES),
+    'm_plus': _WEIGHT,
+    'weight_rec': _WEIGHT,
+    'weight_kl': _WEIGHT,
+    'weight_neg': _WEIGHT,
+    'num_vae_steps': Int(low=0),
+    'vae_weight_rec': _WEIGHT,
+    'vae_weight_kl': _WEIGHT,
+    'lr_e': _LR,
+    'lr_g': _LR,
+    'adam_b1': _BETA,
+    'adam_b2': _BETA,
+    'adam_eps': Float(low=0.0, low_open=True),
+    'batch_size': _COUNT,
+    'sync_batch_stats': Bool(),
+    'distributed': Bool(),
+    'coordinator_address': Str(),
+    'num_processes': Int(low=1, special=_DETECT),
+    'process_id': Int(low=0, special=_DETECT),  # < num_processes: below
+    'dataset': Str(nonempty=True),
+    'data_dir': _PATH,
+    'split': Str(nonempty=True),
+    'manual_dir': _PATH,
+    'random_flip': Bool(),
+    'shuffle_buffer': _COUNT,
+    'on_corrupt_image': Choice(('skip', 'error')),
+    'eval_split_fraction': _BETA,
+    'num_train_steps': _COUNT,
+    'log_every_steps': _COUNT,
+    'image_every_steps': _COUNT,
+    'checkpoint_every_steps': _COUNT,
+    # Orbax's "keep all" (None) cannot be given as a flag; a large number
+    # keeps that many. 0 used to delete every checkpoint, old and new.
+    'max_to_keep': Int(low=1, note='the newest checkpoints to keep'),
+    'num_image_samples': _COUNT,
+    'on_nonfinite': Choice(('stop', 'skip')),
+    'max_consecutive_skips': _COUNT,
+    'eval_every_steps': Int(low=1, special=((0, 'turn evaluation off'),)),
+    'eval_num_images': _COUNT,
+    'fid_weights': _PATH,
+    'digit_classifier': _PATH,
+    'allow_changes': FieldNames(),
+}
+
+
+def _shown(value) -> str:
+  """repr of a value, cut short: messages stay one line."""
+  text = repr(value)
+  return text if len(text) <= 40 else text[:37] + '...'
+
+
+def field_problem(name: str, value) -> Optional[str]:
+  """'<name>=<value> <what is wrong and allowed>', or None if allowed."""
+  problem = CONSTRAINTS[name].problem(value)
+  return None if problem is None else f'{name}={_shown(value)} {problem}.'
+
+
 # Fields a resumed run may change without `allow_changes`: how long to train,
 # what to log and how, and how to compute the same numbers. Every other field
 # is part of the run's identity (data, model, objective, optimiser, batch,
@@ -103,15 +339,19 @@ def base_config() -> ml_collections.ConfigDict:
 FREE_ON_RESUME = frozenset({
     'num_train_steps', 'log_every_steps', 'image_every_steps',
     'checkpoint_every_steps', 'max_to_keep', 'num_image_samples',
-    'on_nonfinite', 'on_corrupt_image', 'eval_every_steps', 'eval_num_images',
+    'on_nonfinite', 'max_consecutive_skips', 'on_corrupt_image',
+    'eval_every_steps', 'eval_num_images',
     'fid_weights', 'digit_classifier', 'conv_impl', 'remat', 'distributed',
     'coordinator_address', 'num_processes', 'process_id', 'allow_changes',
 })
 
 
+def _names(text: str) -> frozenset:
+  return frozenset(n.strip() for n in text.split(',') if n.strip())
+
+
 def allowed_changes(config) -> frozenset:
-  return frozenset(n.strip() for n in config.allow_changes.split(',')
-                   if n.strip())
+  return _names(config.allow_changes)
 
 
 def identity_changes(stored, config):
@@ -154,32 +394,37 @@ def read_json(path: str) -> dict:
 
 
 def load_json(path: str) -> ml_collections.ConfigDict:
-  """A run's saved `config.json` (written by the training loop), locked."""
+  """A run's saved `config.json` (written by the training loop), locked; each
+  stored field is checked against CONSTRAINTS (a hand edit can break one)."""
   saved = read_json(path)
   config = base_config()
   unknown = sorted(set(saved) - set(config))
   if unknown:
     raise ConfigError(f'{path} has fields this version does not know: '
                       f'{unknown}; use the introvae-jax version that wrote it.')
+  values = {name: tuple(value) if isinstance(value, list) else value
+            for name, value in saved.items()}
+  for name, value in values.items():
+    problem = field_problem(name, value)
+    if problem:
+      raise ConfigError(f'{path} holds an invalid field: {problem} Fix it, or '
+                        'restore config.<step>.json beside it.')
   with config.unlocked():
-    for name, value in saved.items():
-      config[name] = tuple(value) if isinstance(value, list) else value
+    for name, value in values.items():
+      config[name] = value
   return config
 
 
 def validate(config) -> None:
-  """Raises ValueError naming the field and the fix for an inconsistent config."""
+  """Raises ConfigError naming the field, its value and what is allowed: each
+  field against CONSTRAINTS, then the fields that depend on each other."""
   def fail(msg):
     raise ConfigError(f'Invalid config: {msg}')
 
-  if config.arch not in ARCHS:
-    fail(f'arch={config.arch!r}; use one of {ARCHS}.')
-  if config.mode not in MODES:
-    fail(f'mode={config.mode!r}; use one of {MODES}.')
-  if config.conv_impl not in ('xla', 'im2col'):
-    fail(f"conv_impl={config.conv_impl!r}; use 'xla' or 'im2col'.")
-  if config.dtype not in DTYPES:
-    fail(f'dtype={config.dtype!r}; use one of {DTYPES}.')
+  for name in CONSTRAINTS:
+    problem = field_problem(name, config[name])
+    if problem:
+      fail(problem)
   if config.dtype == 'float64' and not jax.config.jax_enable_x64:
     fail("dtype='float64' needs 64-bit JAX, which is off: set "
          'JAX_ENABLE_X64=1 in the environment (main.py does it for you), or '
@@ -190,29 +435,11 @@ def validate(config) -> None:
     if size < 8 or size & (size - 1):
       fail(f'image_size={size} is not 4 * 2**n (8, 16, 32, ... 1024).')
     if 4 * 2 ** len(chans) != size:
-      fail(f'image_size={size} does not match channels={chans}: the model '
-           f'downsamples len(channels)={len(chans)} times to 4x4, so it needs '
-           f'image_size={4 * 2 ** len(chans)} (or set channels to '
+      fail(f'image_size={size} does not match channels={_shown(chans)}: the '
+           f'model downsamples len(channels)={len(chans)} times to 4x4, so it '
+           f'needs image_size={4 * 2 ** len(chans)} (or set channels to '
            f'introvae_jax.channels_for({size})).')
-    if config.image_channels not in (1, 3):
-      fail(f'image_channels={config.image_channels}; use 1 or 3.')
-  if config.batch_size < 1:
-    fail(f'batch_size={config.batch_size} must be positive.')
   _validate_distributed(config, fail)
-  for name in ('lr_e', 'lr_g', 'weight_rec', 'weight_kl', 'weight_neg', 'm_plus',
-               'vae_weight_rec', 'vae_weight_kl'):
-    if config[name] < 0:
-      fail(f'{name}={config[name]} must be >= 0.')
-  if config.num_vae_steps < 0:
-    fail(f'num_vae_steps={config.num_vae_steps} must be >= 0.')
-  if config.on_nonfinite not in ('stop', 'skip'):
-    fail(f"on_nonfinite={config.on_nonfinite!r}; use 'stop' or 'skip'.")
-  unknown = sorted(allowed_changes(config) - set(config))
-  if unknown:
-    fail(f'allow_changes names unknown fields {unknown}; give config field '
-         "names separated by commas, e.g. 'dataset,batch_size'.")
-  if config.on_corrupt_image not in ('skip', 'error'):
-    fail(f"on_corrupt_image={config.on_corrupt_image!r}; use 'skip' or 'error'.")
 
 
 def _validate_distributed(config, fail) -> None:
@@ -223,9 +450,7 @@ def _validate_distributed(config, fail) -> None:
   if given and not config.distributed:
     fail(f'{", ".join(given)} set but distributed=False; set '
          '--config.distributed=True for a multi-process run.')
-  if num == 0 or num < -1:
-    fail(f'num_processes={num} must be >= 1, or -1 to detect it.')
-  if pid < -1 or 0 < num <= pid:
+  if 0 < num <= pid:
     fail(f'process_id={pid} must be in [0, num_processes={num}), or -1 to '
          'detect it.')
 
