@@ -33,21 +33,24 @@ weight/bias/running_mean/running_var -> params scale/bias and batch_stats
 mean/var (`num_batches_tracked` only matters with momentum=None, which the
 reference does not use: dropped on import, written as 0 on export).
 
-Reading the pickled module needs no copy of the reference's source: every
-class other than torch's tensor-rebuilding functions and a few containers
-(`networks.IntroVAE`, `torch.nn.Conv2d`, ...) is replaced by a stand-in that
-only keeps the pickled attributes. So a checkpoint cannot name arbitrary
-functions to call, unlike a plain `torch.load(..., weights_only=False)`.
+Reading runs nothing from the file and needs neither torch nor a copy of
+the reference's source (`files.read_pth`): it parses torch's formats itself,
+tensors become numpy arrays and every pickled class (`networks.IntroVAE`,
+`torch.nn.Conv2d`, ...) an inert stand-in that only keeps its attributes;
+TorchScript archives, whose code would run on loading, are refused. Export
+writes with torch (`torch.save`).
+
+A float64 run (`dtype='float64'`) is exported in float64, and a float64
+`--config` imports in float64: the tool enables 64-bit JAX for them before
+any array is made, as main.py does.
 """
 import collections
 import io
-import pickle
 import re
-import types
-import warnings
 from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 
 from absl import flags
+from absl import logging
 from etils import epath
 import jax
 import jax.numpy as jnp
@@ -57,6 +60,7 @@ import orbax.checkpoint as ocp
 from introvae_jax import checkpointing
 from introvae_jax import configuration
 from introvae_jax import errors
+from introvae_jax import files
 from introvae_jax import step as step_lib
 from introvae_jax import workdir as workdir_lib
 from introvae_jax.errors import BadFileError, MissingFileError
@@ -67,87 +71,44 @@ Arrays = Dict[str, np.ndarray]
 # Reading reference checkpoints.
 
 
-class PickledObject:
-  """Stand-in for a class that is not importable (or not trusted).
-
-  Keeps the pickled attribute state; for a pickled `nn.Module` that includes
-  `_parameters`, `_buffers` and `_modules`.
-  """
-  pickled_class = '?'
-
-  def __init__(self, *args, **kwargs):
-    del args, kwargs
-
-  def __setstate__(self, state):
-    if isinstance(state, tuple) and len(state) == 2:  # (dict, slots)
-      state = {**(state[0] or {}), **(state[1] or {})}
-    if isinstance(state, dict):
-      self.__dict__.update(state)
-
-  def __repr__(self):
-    return f'<pickled {self.pickled_class}>'
-
-
-_ALLOWED_GLOBALS = {
-    ('collections', 'OrderedDict'): collections.OrderedDict,
-}
-_TORCH_GLOBALS = (
-    ('torch._utils', re.compile(r'_rebuild_\w+')),
-    ('torch', re.compile(r'\w*Storage|Size|device|float\d*|int\d*|uint8|bool|'
-                         r'half|bfloat16|double|long')),
-    ('torch.storage', re.compile(r'\w*Storage')),
-    ('torch.nn.parameter', re.compile(r'Parameter')),
-    ('torch._tensor', re.compile(r'Tensor')),
-)
-
-
-def _stand_in(module: str, name: str):
-  return type(name, (PickledObject,), {'pickled_class': f'{module}.{name}'})
-
-
-class _Unpickler(pickle.Unpickler):
-  """Resolves torch's tensor rebuilders for real, everything else as stand-ins."""
-
-  def find_class(self, module, name):
-    # Protocol-2 pickles name Python 2 modules (torch.save's default protocol).
-    module = {'__builtin__': 'builtins', 'copy_reg': 'copyreg'}.get(module, module)
-    if (module, name) in _ALLOWED_GLOBALS:
-      return _ALLOWED_GLOBALS[(module, name)]
-    if module == 'copyreg' and name in ('__newobj__', '_reconstructor'):
-      return super().find_class(module, name)
-    if module == 'builtins' and name in ('object', 'set', 'frozenset', 'slice'):
-      return super().find_class(module, name)
-    for mod, pattern in _TORCH_GLOBALS:
-      if module == mod and pattern.fullmatch(name):
-        return super().find_class(module, name)
-    return _stand_in(module, name)
-
-
-# What `torch.load(pickle_module=...)` uses: `Unpickler` and `load`.
-_pickle_module = types.SimpleNamespace(
-    __name__='introvae_jax_safe_pickle', Unpickler=_Unpickler,
-    load=lambda f, **kw: _Unpickler(f, **kw).load())
-
-
 def _torch():
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise ImportError('Reading or writing PyTorch checkpoints needs torch: '
+    raise ImportError('Writing PyTorch checkpoints needs torch: '
                       'pip install -r requirements-dev.txt') from e
   return torch
 
 
-def _module_state(obj, prefix: str = '') -> Iterator[Tuple[str, Any]]:
-  """(key, tensor) pairs of a pickled module, in `state_dict()` naming."""
-  for kind in ('_parameters', '_buffers'):
-    non_persistent = getattr(obj, '_non_persistent_buffers_set', set())
-    for name, value in (getattr(obj, kind, None) or {}).items():
+def _module_state(path: str, obj) -> Iterator[Tuple[str, Any]]:
+  """(key, tensor) pairs of a pickled module, in `state_dict()` naming.
+
+  Walks `_modules` depth first without recursion, so neither a deep nor a
+  cyclic file (a module that contains itself) can raise RecursionError.
+  """
+  stack = [('', obj, ())]
+  while stack:
+    prefix, module, ancestors = stack.pop()
+    if id(module) in ancestors:
+      raise BadFileError(
+          f'{path}: module {prefix[:-1]!r} contains itself, so it has no '
+          'state_dict; pass a checkpoint the reference\'s torch.save wrote.')
+    parts = [getattr(module, name, None) for name in (
+        '_parameters', '_buffers', '_modules')]
+    non_persistent = getattr(module, '_non_persistent_buffers_set', set())
+    if not all(p is None or isinstance(p, dict) for p in parts) or not (
+        isinstance(non_persistent, (set, frozenset))):
+      raise BadFileError(
+          f'{path}: {prefix[:-1] or "the model"} is no torch module (a '
+          f'{type(module).__name__}); pass the reference\'s checkpoint.')
+    params, buffers, children = (p or {} for p in parts)
+    for name, value in list(params.items()) + list(buffers.items()):
       if value is not None and name not in non_persistent:
-        yield prefix + name, value
-  for name, child in (getattr(obj, '_modules', None) or {}).items():
-    if child is not None:
-      yield from _module_state(child, f'{prefix}{name}.')
+        yield prefix + str(name), value
+    # Reversed onto the stack so children come out in their pickled order.
+    for name, child in reversed(list(children.items())):
+      if child is not None:
+        stack.append((f'{prefix}{name}.', child, ancestors + (id(module),)))
 
 
 def load_reference_checkpoint(path: str) -> Arrays:
@@ -155,44 +116,36 @@ def load_reference_checkpoint(path: str) -> Arrays:
 
   Accepts `{'epoch', 'model': module}` (the reference's own files),
   `{'model': state_dict}` and plain state_dicts; strips a leading 'module.'
-  (DataParallel wrappers). A missing file, or one that is no checkpoint,
-  raises a `UserError` naming it.
+  (DataParallel wrappers). Read by `files.read_pth`, which runs nothing from
+  the file and needs no torch. A missing file, or one that is no
+  checkpoint, raises a `UserError` naming it.
   """
   if not epath.Path(path).exists():
     raise MissingFileError(f'No file at --torch_checkpoint={path}; pass the '
                            "reference's .pth (model_epoch_*_iter_*.pth).")
-  torch = _torch()
-  data = epath.Path(path).read_bytes()
-  try:
-    with warnings.catch_warnings():
-      # Legacy-format files make torch look for the stand-ins' source code.
-      warnings.filterwarnings('ignore', "Couldn't retrieve source code")
-      obj = torch.load(io.BytesIO(data), map_location='cpu',
-                       pickle_module=_pickle_module, weights_only=False)
-  except Exception as e:  # pylint: disable=broad-except
-    # Truncated or foreign files fail inside torch with many exception types.
-    message = (str(e).strip().splitlines() or [''])[0]
-    raise BadFileError(
-        f'{path} is not a readable PyTorch checkpoint ({type(e).__name__}: '
-        f'{message}); pass a .pth written by the reference\'s torch.save, '
-        'and copy it again if it may be truncated.') from e
+  obj = files.read_pth(
+      path, 'a readable PyTorch checkpoint', "pass a .pth written by the "
+      "reference's torch.save, and copy it again if it may be truncated.")
   if isinstance(obj, Mapping) and 'model' in obj:
     obj = obj['model']
   if isinstance(obj, Mapping):
     items = obj.items()
   elif hasattr(obj, '_modules'):
-    items = _module_state(obj)
+    items = _module_state(path, obj)
   else:
+    got = getattr(obj, 'pickled_class', type(obj).__name__)
     raise BadFileError(f'{path}: expected a reference checkpoint '
-                     "({'epoch', 'model'}) or a state_dict, got "
-                     f'{type(obj).__name__}.')
+                       "({'epoch', 'model'}) or a state_dict, got "
+                       f'{got}.')
   out = {}
   for key, value in items:
-    if not torch.is_tensor(value):
-      raise BadFileError(f'{path}: entry {key!r} is a {type(value).__name__}, '
-                       'not a tensor; is this an IntroVAE checkpoint?')
+    if not isinstance(value, np.ndarray):
+      got = getattr(value, 'pickled_class', type(value).__name__)
+      raise BadFileError(f'{path}: entry {key!r} is a {got}, not a tensor; '
+                         'is this an IntroVAE checkpoint?')
+    key = str(key)
     key = key[len('module.'):] if key.startswith('module.') else key
-    out[key] = value.detach().cpu().numpy()
+    out[key] = value
   return out
 
 
@@ -274,16 +227,34 @@ def _num_blocks(keys) -> Tuple[int, int]:
   return n, 4 * 2 ** n
 
 
+def _entry(state_dict: Mapping[str, np.ndarray], key: str,
+           ndim: int) -> np.ndarray:
+  """`state_dict[key]` with `ndim` dimensions, or a BadFileError naming it."""
+  value = state_dict.get(key)
+  if value is None:
+    raise BadFileError(
+        f'Reference checkpoint lacks {key!r} (it has {len(state_dict)} '
+        f'entries, e.g. {sorted(state_dict)[:3]}): not a whole IntroVAE '
+        'model; pass the .pth the reference saved.')
+  if np.ndim(value) != ndim:
+    raise BadFileError(
+        f'Reference checkpoint entry {key!r} has shape {np.shape(value)}, '
+        f'not {ndim} dimensions: not an IntroVAE checkpoint.')
+  return np.asarray(value)
+
+
 def infer_model_fields(state_dict: Mapping[str, np.ndarray]) -> dict:
   """The config's model fields a reference state_dict was built with.
 
   `reference_layout` is None when no block can tell (no equal widths above
-  256 from two list entries).
+  256 from two list entries). A missing or misshapen entry raises
+  BadFileError naming it.
   """
   n, image_size = _num_blocks(state_dict)
-  conv_in = state_dict['encoder.main.0.weight']
+  conv_in = _entry(state_dict, 'encoder.main.0.weight', 4)
   channels = [conv_in.shape[0]] + [
-      state_dict[f'encoder.main.res_in_{image_size >> i}.conv1.weight'].shape[0]
+      _entry(state_dict, f'encoder.main.res_in_{image_size >> i}.conv1.weight',
+             4).shape[0]
       for i in range(1, n)]
   # Blocks whose skip convolution exists only by the reference's `is not` quirk.
   quirk = [f'encoder.main.res_in_{image_size >> i}' for i in range(1, n)
@@ -295,7 +266,7 @@ def infer_model_fields(state_dict: Mapping[str, np.ndarray]) -> dict:
   if has and any(has) != all(has):
     raise BadFileError(f'Inconsistent skip convolutions in {quirk}: {has}.')
   return dict(arch='conv', image_size=image_size, channels=tuple(channels),
-              hdim=state_dict['encoder.fc.weight'].shape[0] // 2,
+              hdim=_entry(state_dict, 'encoder.fc.weight', 2).shape[0] // 2,
               image_channels=conv_in.shape[1], reference_layout=layout)
 
 
@@ -322,18 +293,19 @@ def torch_to_variables(state_dict: Mapping[str, np.ndarray]) -> Dict[str, dict]:
                          'batch_stats_g')}
   used = set()
 
-  def take(key):
+  def take(key, ndim=1):
     if key not in sd:
       raise BadFileError(f'Reference checkpoint lacks {key!r} (expected a '
                        f'{image_size}px model with {n} channel entries).')
     used.add(key)
-    return sd[key]
+    return _entry(sd, key, ndim)
 
   has_expand = lambda net, block, ref: f'{ref}.conv_expand.weight' in sd
   for net, path, ref, kind in _layers(n, image_size, has_expand):
     params, stats = out[f'params_{net}'], out[f'batch_stats_{net}']
     if kind == 'conv':
-      _set(params, path + ('kernel',), take(f'{ref}.weight').transpose(2, 3, 1, 0))
+      _set(params, path + ('kernel',),
+           take(f'{ref}.weight', 4).transpose(2, 3, 1, 0))
       if f'{ref}.bias' in sd:
         _set(params, path + ('bias',), take(f'{ref}.bias'))
     elif kind == 'bn':
@@ -343,7 +315,8 @@ def torch_to_variables(state_dict: Mapping[str, np.ndarray]) -> Dict[str, dict]:
       _set(stats, path + ('var',), take(f'{ref}.running_var'))
       used.add(f'{ref}.num_batches_tracked')
     else:
-      kernel, bias = _FC[kind][0](take(f'{ref}.weight'), take(f'{ref}.bias'))
+      kernel, bias = _FC[kind][0](take(f'{ref}.weight', 2),
+                                  take(f'{ref}.bias'))
       _set(params, path + ('kernel',), kernel)
       _set(params, path + ('bias',), bias)
   unexpected = sorted(set(sd) - used)
@@ -509,9 +482,9 @@ def convert_reference(torch_checkpoint: str, workdir: str, config=None):
   state_dict = load_reference_checkpoint(torch_checkpoint)
   try:
     config = config_for_checkpoint(state_dict, config)
+    state = train_state_from_reference(state_dict, config)
   except BadFileError as e:
     raise BadFileError(f'{torch_checkpoint}: {e}') from e
-  state = train_state_from_reference(state_dict, config)
   workdir_lib.prepare(workdir)
   path = save_train_state(workdir, state)
   # Written as the training loop writes it, so every tool opens the workdir.
@@ -541,6 +514,43 @@ def _check_export_target(out: str) -> None:
                            'file: pass its path, e.g. --out=introvae.pth.')
 
 
+def _stored_dtypes(workdir: str) -> set:
+  """The dtype names of a workdir's run, read before any array is made:
+  its config.json `dtype` and, without one, the dtypes its latest
+  checkpoint's metadata lists."""
+  config_path = workdir_lib.path(workdir, checkpointing.CONFIG_NAME)
+  if config_path.exists():
+    return {str(configuration.read_json(str(config_path)).get('dtype'))}
+  if not checkpointing.checkpoint_dir(workdir).exists():
+    return set()  # restore_variables names the problem
+  manager = checkpointing.make_manager(workdir, max_to_keep=None,
+                                       read_only=True)
+  step = manager.latest_step()
+  if step is None:
+    return set()
+  try:
+    metadata = manager.item_metadata(step)
+  except Exception:  # pylint: disable=broad-except
+    return set()  # damaged: restore_variables names the problem
+  return {str(getattr(leaf, 'dtype', '')) for leaf in
+          jax.tree_util.tree_leaves(metadata)}
+
+
+def enable_x64_for(dtypes, what: str) -> None:
+  """Enables 64-bit JAX when `dtypes` name float64, as main.py does for a
+  float64 run: without it, a float64 checkpoint is read, and a float64
+  config builds, float32 arrays without a word."""
+  if 'float64' not in dtypes or jax.config.jax_enable_x64:
+    return
+  try:
+    jax.config.update('jax_enable_x64', True)
+  except Exception as e:  # pylint: disable=broad-except
+    raise errors.UserError(
+        f'{what} is float64 but 64-bit JAX cannot be enabled here '
+        f'({type(e).__name__}: {e}); rerun with JAX_ENABLE_X64=1.') from e
+  logging.info('%s is float64: 64-bit JAX enabled.', what)
+
+
 def main(argv):
   del argv
   f = flags.FLAGS
@@ -552,6 +562,8 @@ def main(argv):
     if f.step is not None:
       raise errors.UserError('--step is for export (--jax_checkpoint); an '
                              'import always writes step 0.')
+    if f.config is not None:  # before any array is made, as main.py does
+      enable_x64_for({f.config.dtype}, f'--config dtype={f.config.dtype!r}')
     _, config, path = convert_reference(f.torch_checkpoint, f.out, f.config)
     print(f'Wrote {path}: image_size={config.image_size} '
           f'channels={tuple(config.channels)} hdim={config.hdim} '
@@ -562,6 +574,9 @@ def main(argv):
       raise errors.UserError('--config is for import (--torch_checkpoint); '
                              'export reads the model off the checkpoint.')
     _check_export_target(f.out)
+    # Before any array is made, as main.py does.
+    enable_x64_for(_stored_dtypes(f.jax_checkpoint),
+                   f'--jax_checkpoint={f.jax_checkpoint}')
     export_reference(f.jax_checkpoint, f.out, f.step)
     print(f'Wrote {f.out}')
 

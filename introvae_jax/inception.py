@@ -8,9 +8,9 @@ without counting padding, the last E block max-pools), ending in a global
 average pool: 2,048 features per image.
 
 The weights are the user's `pt_inception-2015-12-05-6726825d.pth` (the file
-pytorch-fid downloads), passed by path; nothing is downloaded here. Reading a
-.pth needs PyTorch once: `convert` writes an .npz that later runs load
-without it. BatchNorm (eps 1e-3, inference statistics) is folded into each
+pytorch-fid downloads), passed by path; nothing is downloaded here. The .pth
+is read without PyTorch, and without running anything from it
+(`files.read_pth`); `convert` writes an .npz that later runs load. BatchNorm (eps 1e-3, inference statistics) is folded into each
 convolution: kernel * gamma / sqrt(var + eps) and bias beta - mean * that.
 
     params = load('pt_inception-2015-12-05-6726825d.pth')   # or the .npz
@@ -18,7 +18,6 @@ convolution: kernel * gamma / sqrt(var + eps) and bias beta - mean * that.
 """
 
 import functools
-import io
 import os
 from typing import Dict, Tuple
 
@@ -204,24 +203,32 @@ def save_npz(params: Params, path: str) -> None:
 
 
 def convert(pth_path: str, npz_path: str) -> Params:
-  """Reads pytorch-fid's .pth (needs torch) and writes the folded .npz."""
+  """Reads pytorch-fid's .pth and writes the folded .npz.
+
+  The .pth is read by `files.read_pth`, which needs no torch and runs
+  nothing from the file.
+  """
+  fix = (f'download {WEIGHTS_FILE} again (pytorch-fid\'s release page) and '
+         'pass its path.')
+  what = "pytorch-fid's InceptionV3 weights file"
+  state_dict = files.read_pth(pth_path, what, fix)
+  if not isinstance(state_dict, dict):
+    got = getattr(state_dict, 'pickled_class', type(state_dict).__name__)
+    raise errors.BadFileError(
+        f'{pth_path} is not {what} (it holds a {got}, not a state dict); {fix}')
+  for key, value in state_dict.items():
+    if not isinstance(value, np.ndarray):  # only arrays reach from_state_dict
+      got = getattr(value, 'pickled_class', type(value).__name__)
+      raise errors.BadFileError(
+          f'{pth_path} is not {what} (entry {key!r} is a {got}, not a '
+          f'tensor); {fix}')
   try:
-    import torch
-  except ImportError as e:
-    raise ImportError(f'Reading {pth_path} needs PyTorch (pip install torch, '
-                      'CPU is enough); afterwards the .npz loads without it.'
-                      ) from e
-  data = epath.Path(pth_path).read_bytes()
-  try:
-    state_dict = torch.load(io.BytesIO(data), map_location='cpu',
-                            weights_only=True)
     params = from_state_dict(state_dict)
   except Exception as e:  # pylint: disable=broad-except
-    # Truncated or foreign files fail inside torch with many exception types.
+    # Missing keys, stand-ins in place of tensors, wrong shapes.
     raise errors.BadFileError(
-        f'{pth_path} is not pytorch-fid\'s InceptionV3 weights file '
-        f'({type(e).__name__}: {_first_line(e)}); download {WEIGHTS_FILE} '
-        'again (pytorch-fid\'s release page) and pass its path.') from e
+        f'{pth_path} is not {what} ({type(e).__name__}: {_first_line(e)}); '
+        f'{fix}') from e
   save_npz(params, npz_path)
   return params
 
@@ -245,7 +252,7 @@ def _params_from_npz(path: str, fix: str) -> Params:
 def load(path: str) -> Params:
   """Params from pytorch-fid's .pth or a converted .npz, on the device.
 
-  A .pth is converted once (needs torch) to `<cache>/<name>.npz`, the cache
+  A .pth is converted once to `<cache>/<name>.npz`, the cache
   being $INTROVAE_CACHE or ~/.cache/introvae_jax; that cache is rebuilt from
   the .pth, with a warning, if it cannot be read. A missing file, or one
   that holds no InceptionV3 weights, raises a `UserError` naming it.

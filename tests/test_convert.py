@@ -1,5 +1,11 @@
-"""Reference checkpoints <-> this project's variables (`introvae_jax.convert`)."""
+"""Reference checkpoints <-> this project's variables (`introvae_jax.convert`).
 
+The authors' own files cannot be downloaded in CI: tests/fixtures holds tiny
+ones pickled the same way (`make_reference_checkpoints.py`), in torch's zip
+and legacy formats, with their state_dict as a plain .npz.
+"""
+
+import importlib.util
 import os
 import subprocess
 import sys
@@ -19,6 +25,7 @@ from introvae_jax import torch_reference as tr  # pylint: disable=g-import-not-a
 from test_parity_torch import jax_state, small_config  # pylint: disable=g-import-not-at-top
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(REPO, 'tests', 'fixtures')
 CONFIGS = {
     'narrow_32px': dict(),
     'quirk_512_16px': dict(image_size=16, channels=(512, 512), hdim=4),
@@ -290,3 +297,220 @@ def test_bad_reference_files_are_named_before_anything_is_written(tmp_path):
   os.makedirs(os.path.join(out, 'checkpoints', '0'))
   with pytest.raises(errors.WorkdirError, match='already holds checkpoints'):
     convert.convert_reference(str(tmp_path / 'none.pth'), out)
+
+
+# ----------------------------------------------------------------------------
+# The committed reference-format fixtures, read without torch.
+
+
+def _fixtures():
+  """tests/fixtures/make_reference_checkpoints.py as a module."""
+  spec = importlib.util.spec_from_file_location(
+      'make_reference_checkpoints',
+      os.path.join(FIXTURES, 'make_reference_checkpoints.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _expected_state_dict():
+  with np.load(os.path.join(FIXTURES, _fixtures().EXPECTED_FILE)) as f:
+    return {k: f[k] for k in f.files}
+
+
+def _refuse_torch_reading(monkeypatch):
+  """torch.load and torch.jit.load raise: convert must not call them."""
+  def refuse(*args, **kwargs):
+    raise AssertionError('convert called torch.load or torch.jit.load')
+  monkeypatch.setattr(torch, 'load', refuse)
+  monkeypatch.setattr(torch.serialization, 'load', refuse)
+  monkeypatch.setattr(torch.jit, 'load', refuse)
+
+
+def _fixture_path(name, tmp_path):
+  """A fixture file; 'legacy_gpu' is the legacy one as a CUDA run saves it
+  (`torch.cuda.FloatStorage`, location 'cuda:0'), as the authors' were."""
+  fixtures = _fixtures()
+  if name != 'legacy_gpu':
+    return os.path.join(FIXTURES, {'zip': fixtures.ZIP_FILE,
+                                   'legacy': fixtures.LEGACY_FILE}[name])
+  with open(os.path.join(FIXTURES, fixtures.LEGACY_FILE), 'rb') as f:
+    data = f.read()
+  for old, new in ((b'ctorch\nFloatStorage\n', b'ctorch.cuda\nFloatStorage\n'),
+                   (b'ctorch\nLongStorage\n', b'ctorch.cuda\nLongStorage\n'),
+                   (b'X\x03\x00\x00\x00cpu', b'X\x06\x00\x00\x00cuda:0')):
+    assert data.count(old) == 1  # each pickled once, then memoised
+    data = data.replace(old, new)
+  path = tmp_path / 'model_epoch_1_iter_0.pth'
+  path.write_bytes(data)
+  return str(path)
+
+
+@pytest.mark.parametrize('name', ['zip', 'legacy', 'legacy_gpu'])
+def test_reference_fixtures_read_bit_for_bit_without_torch(name, tmp_path,
+                                                           monkeypatch):
+  """The authors' file layout ({'epoch', 'model': networks.IntroVAE}) reads
+  to the state_dict torch itself reads from it, bit for bit, with torch.load
+  and torch.jit.load raising. Fails before the fix, which read every .pth
+  with torch.load(weights_only=False)."""
+  path = _fixture_path(name, tmp_path)
+  expected = _expected_state_dict()
+  # The independent reference: torch's own reading, the classes importable.
+  sys.modules['networks'] = _fixtures().networks_module()
+  try:
+    with warnings.catch_warnings():
+      warnings.filterwarnings('ignore', "Couldn't retrieve source code")
+      by_torch = torch.load(path, map_location='cpu', weights_only=False)
+  finally:
+    del sys.modules['networks']
+  assert by_torch['epoch'] == 1
+  by_torch = {k: v.numpy() for k, v in by_torch['model'].state_dict().items()}
+  assert list(by_torch) == list(expected)
+  assert all(np.array_equal(by_torch[k], v) for k, v in expected.items())
+
+  _refuse_torch_reading(monkeypatch)
+  loaded = convert.load_reference_checkpoint(path)
+  assert list(loaded) == list(expected)
+  for k, v in expected.items():
+    assert loaded[k].dtype == v.dtype and np.array_equal(loaded[k], v), k
+
+
+@pytest.mark.parametrize('name', ['zip', 'legacy'])
+def test_reference_fixtures_convert_as_before(name, tmp_path, monkeypatch):
+  """`convert_reference` of each fixture gives the variables the state_dict
+  converts to (`torch_to_variables`, unchanged), bit for bit, and the model
+  fields it was built with; torch.load and torch.jit.load raise. Fails
+  before the fix (convert read the file with torch.load)."""
+  _refuse_torch_reading(monkeypatch)
+  state, config, _ = convert.convert_reference(
+      _fixture_path(name, tmp_path), str(tmp_path / 'out'))
+  model = _fixtures().MODEL
+  assert (config.image_size, tuple(config.channels), config.hdim,
+          config.image_channels) == (model['image_size'], model['channels'],
+                                     model['hdim'], model['image_channels'])
+  want = convert.torch_to_variables(_expected_state_dict())
+  for tree_name, tree in want.items():
+    got = jax.tree_util.tree_map(np.asarray, getattr(state, tree_name))
+    assert (jax.tree_util.tree_structure(got) ==
+            jax.tree_util.tree_structure(tree)), tree_name
+    for a, b in zip(jax.tree_util.tree_leaves(got),
+                    jax.tree_util.tree_leaves(tree)):
+      assert a.dtype == b.dtype and np.array_equal(a, b), tree_name
+
+
+# ----------------------------------------------------------------------------
+# Files that are checkpoints in form but not in content: one line each.
+
+
+@pytest.mark.parametrize('missing', ['encoder.main.0.weight',
+                                     'encoder.main.res_in_8.conv1.weight',
+                                     'encoder.fc.weight'])
+def test_state_dict_with_some_encoder_entries_is_one_line(missing, tmp_path):
+  """A state_dict holding some but not all of the encoder's entries is a
+  BadFileError naming the file and the entry. Fails before the fix
+  (`infer_model_fields` raised KeyError)."""
+  from introvae_jax import errors
+  sd = {k: torch.from_numpy(v) for k, v in _expected_state_dict().items()
+        if k != missing}
+  path = tmp_path / 'partial.pth'
+  torch.save(sd, str(path))
+  with pytest.raises(errors.BadFileError) as e:
+    convert.convert_reference(str(path), str(tmp_path / 'out'))
+  message = str(e.value)
+  assert '\n' not in message and str(path) in message and missing in message
+  assert not (tmp_path / 'out').exists()
+
+
+def test_module_that_contains_itself_is_one_line(tmp_path):
+  """A pickled module among whose submodules is itself has no state_dict: a
+  BadFileError naming the file, not a RecursionError (before the fix)."""
+  from introvae_jax import errors
+  model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+  model._modules['loop'] = model  # pylint: disable=protected-access
+  path = tmp_path / 'loop.pth'
+  torch.save({'epoch': 1, 'model': model}, str(path))
+  with pytest.raises(errors.BadFileError, match='contains itself') as e:
+    convert.convert_reference(str(path), str(tmp_path / 'out'))
+  assert '\n' not in str(e.value) and str(path) in str(e.value)
+
+
+# ----------------------------------------------------------------------------
+# float64 runs, as a user runs the tool (without JAX_ENABLE_X64).
+
+
+def _float64_reference(tmp_path):
+  """A float64 reference state_dict (values float32 cannot hold), saved."""
+  config = small_config(image_size=16, channels=(2, 4), hdim=2,
+                        dtype='float64')
+  torch.manual_seed(1)
+  model = tr.build_model(config, dtype=torch.float64)
+  with torch.no_grad():
+    for p in model.parameters():
+      p.normal_()
+  path = str(tmp_path / 'ref64.pth')
+  torch.save(model.state_dict(), path)
+  return path, numpy_state_dict(model)
+
+
+def _run_tool(args, x64=False):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=os.pathsep.join(
+      [REPO] + [p for p in [os.environ.get('PYTHONPATH')] if p]))
+  env.pop('JAX_ENABLE_X64', None)
+  if x64:
+    env['JAX_ENABLE_X64'] = '1'
+  proc = subprocess.run([sys.executable] + args, env=env, capture_output=True,
+                        text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+def _assert_exported_exactly(pth, reference):
+  back = torch.load(pth, weights_only=True)  # the test's own file
+  for k, v in reference.items():
+    if 'num_batches' not in k:
+      got = back[k].numpy()
+      assert got.dtype == np.float64 and np.array_equal(got, v), (k, got.dtype)
+
+
+_FLOAT64_RUN = """
+import sys
+from introvae_jax import configuration, convert
+c = configuration.base_config()
+with c.unlocked():
+  c.image_size, c.channels, c.hdim, c.dtype = 16, (2, 4), 2, 'float64'
+convert.convert_reference(sys.argv[1], sys.argv[2], c)
+"""
+
+
+def test_float64_run_exports_float64(tmp_path):
+  """`convert --jax_checkpoint` of a float64 run (written, as main.py does,
+  with 64-bit JAX), run without JAX_ENABLE_X64, exports the run's float64
+  values exactly. Fails before the fix (float32 tensors, ~1e-7 off)."""
+  pth, reference = _float64_reference(tmp_path)
+  run = str(tmp_path / 'run')
+  _run_tool(['-c', _FLOAT64_RUN, pth, run], x64=True)
+  out = str(tmp_path / 'back.pth')
+  _run_tool(['-m', 'introvae_jax.convert', f'--jax_checkpoint={run}',
+             f'--out={out}'])
+  _assert_exported_exactly(out, reference)
+
+
+def test_float64_config_imports_float64(tmp_path):
+  """`convert --torch_checkpoint --config=<float64 config>` without
+  JAX_ENABLE_X64 keeps the checkpoint's float64 values (read back by the
+  export). Fails before the fix (the import stored float32)."""
+  pth, reference = _float64_reference(tmp_path)
+  config_file = tmp_path / 'float64.py'
+  config_file.write_text(
+      'from introvae_jax.configuration import base_config\n'
+      'def get_config():\n'
+      '  c = base_config()\n'
+      "  c.image_size, c.channels, c.hdim, c.dtype = 16, (2, 4), 2, 'float64'\n"
+      '  return c\n')
+  run = str(tmp_path / 'run')
+  _run_tool(['-m', 'introvae_jax.convert', f'--torch_checkpoint={pth}',
+             f'--config={config_file}', f'--out={run}'])
+  out = str(tmp_path / 'back.pth')
+  _run_tool(['-m', 'introvae_jax.convert', f'--jax_checkpoint={run}',
+             f'--out={out}'])
+  _assert_exported_exactly(out, reference)

@@ -295,3 +295,36 @@ def test_damaged_converted_cache_is_converted_again(tmp_path, monkeypatch,
   assert len(calls) == 2 and f'Converting {pth} again' in caplog.text
   np.testing.assert_array_equal(loaded['Mixed_7c.branch_pool'][0],
                                 params['Mixed_7c.branch_pool'][0])
+
+
+@pytest.mark.parametrize('zip_format', [True, False], ids=['zip', 'legacy'])
+def test_pth_is_read_without_torch(tmp_path, monkeypatch, zip_format):
+  """pytorch-fid's .pth (a state dict, in either format torch writes) is
+  read by `files.read_pth`: the folded params equal those of the state dict
+  torch holds, bit for bit, while torch.load and torch.jit.load raise. Fails
+  before the fix, which read it with torch.load."""
+  g = torch.Generator().manual_seed(4)
+  state_dict = {}
+  for name, (cout, cin) in {'Conv2d_1a_3x3': (4, 3),
+                            'Mixed_7c.branch_pool': (2, 4)}.items():
+    state_dict[f'{name}.conv.weight'] = torch.randn(cout, cin, 3, 3, generator=g)
+    state_dict[f'{name}.bn.weight'] = torch.rand(cout, generator=g) + 0.5
+    state_dict[f'{name}.bn.bias'] = torch.randn(cout, generator=g)
+    state_dict[f'{name}.bn.running_mean'] = torch.randn(cout, generator=g)
+    state_dict[f'{name}.bn.running_var'] = torch.rand(cout, generator=g) + 0.5
+    state_dict[f'{name}.bn.num_batches_tracked'] = torch.tensor(5)
+  expected = inception.from_state_dict(state_dict)
+  pth = str(tmp_path / inception.WEIGHTS_FILE)
+  torch.save(state_dict, pth, _use_new_zipfile_serialization=zip_format)
+
+  def refuse(*args, **kwargs):
+    raise AssertionError('torch.load or torch.jit.load was called')
+
+  for owner in (torch, torch.serialization, torch.jit):
+    monkeypatch.setattr(owner, 'load', refuse)
+  params = inception.convert(pth, str(tmp_path / 'w.npz'))
+  assert sorted(params) == sorted(expected)
+  for name, (kernel, bias) in expected.items():
+    assert params[name][0].dtype == kernel.dtype
+    np.testing.assert_array_equal(params[name][0], kernel)
+    np.testing.assert_array_equal(params[name][1], bias)
