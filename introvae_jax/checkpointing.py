@@ -13,6 +13,7 @@ them. Paths go through `etils.epath`, so `gs://` workdirs work.
 import contextlib
 import datetime
 import errno
+import json
 import logging as std_logging
 from typing import Optional
 
@@ -29,6 +30,7 @@ from introvae_jax import workdir as workdir_lib
 from introvae_jax.errors import UserError, WorkdirError
 
 CONFIG_NAME = 'config.json'
+CONFIG_KEY = 'introvae_jax_config'  # a checkpoint's record of its run's config
 DAMAGED_DIR = 'checkpoints_damaged'
 
 
@@ -102,14 +104,22 @@ def disk_full_is_a_user_error(manager: ocp.CheckpointManager):
         'to resume.') from e
 
 
+def identity_record(config) -> dict:
+  """The config as JSON-able data: what a checkpoint records of its run."""
+  return json.loads(config.to_json_best_effort())
+
+
 def save(manager: ocp.CheckpointManager, state: step_lib.TrainState,
-         *, force: bool = False) -> bool:
+         *, force: bool = False, config=None) -> bool:
   """Saves a state at its own step; async unless forced.
 
   Every process calls it with the same state. Global arrays (the mesh
   engine's replicated state) go to Orbax as they are and are written once;
   arrays local to one process of several (an unreplicated pmap state) go as
-  host NumPy, which Orbax writes from process 0.
+  host NumPy, which Orbax writes from process 0. With `config`, the run's
+  config is recorded in the step's own Orbax metadata (`stored_config`),
+  finalised with the step, so a resume can check its identity even when
+  config.json is lost.
   """
   multiprocess = jax.process_count() > 1
   def for_orbax(a):
@@ -117,8 +127,24 @@ def save(manager: ocp.CheckpointManager, state: step_lib.TrainState,
       return a
     return np.asarray(a)
   state = jax.tree_util.tree_map(for_orbax, state)
+  custom = None if config is None else {CONFIG_KEY: identity_record(config)}
   return manager.save(parallel.host_int(state.step),
-                      args=ocp.args.StandardSave(state), force=force)
+                      args=ocp.args.StandardSave(state), force=force,
+                      custom_metadata=custom)
+
+
+def stored_config(manager: ocp.CheckpointManager) -> Optional[tuple]:
+  """(step, config dict) recorded with the newest checkpoint that has a
+  record (`save(..., config=...)`), or None: a workdir of introvae-jax 0.2.0
+  or `convert`'s step-0 import, or no checkpoint."""
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      custom = manager.metadata(step).custom_metadata or {}
+    except Exception:  # pylint: disable=broad-except
+      continue  # damaged: `restore` names it
+    if isinstance(custom.get(CONFIG_KEY), dict):
+      return step, custom[CONFIG_KEY]
+  return None
 
 
 def _key_name(entry) -> str:
@@ -281,15 +307,23 @@ def latest_state(workdir: str, config, step: Optional[int] = None, *,
 
 
 def load_run(workdir: str, step: Optional[int] = None, *, mesh=None):
-  """(config, state) of a training run: its config.json and a checkpoint
+  """(config, state) of a training run: its config.json (or, when that is
+  lost, the config recorded with its newest checkpoint) and a checkpoint
   (replicated on `mesh` when given)."""
   config_path = workdir_lib.path(workdir, CONFIG_NAME)
-  if not config_path.exists():
-    what = ('does not exist' if not workdir_lib.path(workdir).exists()
-            else f'has no {CONFIG_NAME}')
-    raise WorkdirError(
-        f'--workdir={workdir} {what}: pass the folder that '
-        '`python main.py --workdir=...` or `python -m introvae_jax.convert` '
-        'wrote.')
-  config = configuration.load_json(str(config_path))
+  if config_path.exists():
+    config = configuration.load_json(str(config_path))
+  else:
+    record = (stored_config(make_manager(workdir, max_to_keep=None,
+                                         read_only=True))
+              if checkpoint_dir(workdir).exists() else None)
+    if record is None:
+      what = ('does not exist' if not workdir_lib.path(workdir).exists()
+              else f'has no {CONFIG_NAME}')
+      raise WorkdirError(
+          f'--workdir={workdir} {what}: pass the folder that '
+          '`python main.py --workdir=...` or `python -m introvae_jax.convert` '
+          'wrote.')
+    config = configuration.from_record(
+        record[1], f'the config recorded with checkpoint {record[0]}')
   return config, latest_state(workdir, config, step, mesh=mesh)

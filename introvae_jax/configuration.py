@@ -396,18 +396,23 @@ def read_json(path: str) -> dict:
 def load_json(path: str) -> ml_collections.ConfigDict:
   """A run's saved `config.json` (written by the training loop), locked; each
   stored field is checked against CONSTRAINTS (a hand edit can break one)."""
-  saved = read_json(path)
+  return from_record(read_json(path), path)
+
+
+def from_record(saved: dict, where: str) -> ml_collections.ConfigDict:
+  """A locked config from a stored record (config.json's or a checkpoint's
+  metadata); `where` names the record in errors."""
   config = base_config()
   unknown = sorted(set(saved) - set(config))
   if unknown:
-    raise ConfigError(f'{path} has fields this version does not know: '
+    raise ConfigError(f'{where} has fields this version does not know: '
                       f'{unknown}; use the introvae-jax version that wrote it.')
   values = {name: tuple(value) if isinstance(value, list) else value
             for name, value in saved.items()}
   for name, value in values.items():
     problem = field_problem(name, value)
     if problem:
-      raise ConfigError(f'{path} holds an invalid field: {problem} Fix it, or '
+      raise ConfigError(f'{where} holds an invalid field: {problem} Fix it, or '
                         'restore config.<step>.json beside it.')
   with config.unlocked():
     for name, value in values.items():

@@ -114,6 +114,13 @@ def _select(pred, on_true, on_false):
                                 on_true, on_false)
 
 
+def _all_finite(tree) -> jax.Array:
+  """True when every float leaf of `tree` is finite (one fused reduction)."""
+  leaves = [jnp.isfinite(a).all() for a in jax.tree_util.tree_leaves(tree)
+            if jnp.issubdtype(jnp.result_type(a), jnp.inexact)]
+  return jnp.stack(leaves).all() if leaves else jnp.asarray(True)
+
+
 def _pmean(tree, axis_name):
   return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
 
@@ -275,7 +282,11 @@ def train_step(state: TrainState, batch, config: ml_collections.ConfigDict, *,
       (parity tests); by default drawn from `state.rng` and `state.step`.
 
   Returns:
-    The new state and a dict of scalar float32 metrics (global means).
+    The new state and a dict of scalar float32 metrics (global means);
+    `finite` is 1 when both losses and every parameter, BatchNorm statistic
+    and optimiser moment of the new state are finite (`finite_state`: the
+    state alone). With `config.on_nonfinite='skip'` a step that is not
+    finite keeps the previous state (only `step` and `skipped_steps` move).
   """
   x = batch['image'] if isinstance(batch, Mapping) else batch
   ct = jnp.promote_types(jnp.dtype(config.dtype), jnp.float32)
@@ -295,8 +306,14 @@ def train_step(state: TrainState, batch, config: ml_collections.ConfigDict, *,
   # "Data parallelism"). With sync_batch_stats the devices agree already.
   stats_e, stats_g = _pmean((stats_e, stats_g), axis_name)
   metrics = _pmean(metrics, axis_name)
-  finite = jnp.isfinite(metrics['loss_e']) & jnp.isfinite(metrics['loss_g'])
+  # A loss can be finite while the update it drove overflowed (a huge
+  # learning rate): the new parameters, statistics and moments count too.
+  finite_state = _all_finite((params_e, stats_e, opt_e, params_g, stats_g,
+                              opt_g))
+  finite = (jnp.isfinite(metrics['loss_e']) & jnp.isfinite(metrics['loss_g'])
+            & finite_state)
   metrics['finite'] = finite.astype(jnp.float32)
+  metrics['finite_state'] = finite_state.astype(jnp.float32)
   new_state = state.replace(
       step=state.step + 1, params_e=params_e, batch_stats_e=stats_e,
       params_g=params_g, batch_stats_g=stats_g, opt_state_e=opt_e,

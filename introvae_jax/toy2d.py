@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from introvae_jax import configuration
 from introvae_jax import errors
 from introvae_jax import losses
 from introvae_jax import models
@@ -347,7 +348,8 @@ def _chunk_fn(config: ml_collections.FrozenConfigDict, num_steps: int):
 
 
 def check_config(config) -> None:
-  """Raises ConfigError unless `config` is a 2-D toy config."""
+  """Raises ConfigError unless `config` is a valid 2-D toy config."""
+  configuration.validate(config)
   if config.arch != 'mlp' or config.data_dim != 2:
     raise errors.ConfigError(
         f"The toy suite needs arch='mlp' and data_dim=2, got "
@@ -459,6 +461,7 @@ def format_table(rows) -> str:
 def run(config, workdir: str, log=print) -> Dict[str, float]:
   """Trains, evaluates, writes plots and <dataset>_results.json (metrics,
   the training KLs, config); returns the metrics."""
+  check_config(config)  # before anything is written
   workdir_lib.prepare(workdir)  # before training, not after it
   start = time.time()
   state, history = train(config, log=log)
@@ -497,7 +500,6 @@ def main(argv):
     config.num_train_steps = f.num_steps
   if f.seed is not None:
     config.seed = f.seed
-  check_config(config)  # before run() creates the workdir
   workdir = f.workdir or os.path.join('toy2d_runs', config.toy.dataset)
   run(config, workdir)
 

@@ -16,6 +16,7 @@ the global arrays once).
 """
 
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -67,28 +68,76 @@ def initialize_distributed(config) -> None:
                jax.local_device_count(), jax.device_count())
 
 
+def _nonfinite(metrics: Dict[str, float]) -> str:
+  """What became NaN/inf in a step's metrics, in words."""
+  bad = sorted(k for k, v in metrics.items() if not np.isfinite(v))
+  if metrics.get('finite_state', 1.0) < 1:
+    bad.append('the updated parameters or optimiser state')
+  return ', '.join(bad) or 'the update'
+
+
+def _kept(last_good) -> str:
+  return (f'the last good checkpoint (step {last_good}) is kept'
+          if last_good is not None else
+          'no checkpoint had been saved yet, so none is kept')
+
+
 def _check_finite(history: List[Tuple[int, Dict]], last_good) -> None:
   """Raises NonFiniteLossError naming the first bad step and its terms."""
   for step, metrics in history:
     if metrics['finite'] < 1:
-      bad = sorted(k for k, v in metrics.items() if not np.isfinite(v))
       raise NonFiniteLossError(
-          f'Non-finite loss at step {step}: {", ".join(bad) or "loss"} became '
-          f'NaN/inf. Training stopped; the last good checkpoint (step '
-          f'{last_good}) is kept. Lower lr_e/lr_g or weight_rec, or set '
-          '--config.on_nonfinite=skip to skip such updates.')
+          f'Non-finite values at step {step}: {_nonfinite(metrics)} became '
+          f'NaN/inf. Training stopped; {_kept(last_good)}. Lower lr_e/lr_g or '
+          'weight_rec, or set --config.on_nonfinite=skip to skip such updates.')
+
+
+def _count_skips(history: List[Tuple[int, Dict]], run: List[int], limit: int,
+                 last_good) -> None:
+  """Tracks the current run of skipped (non-finite) steps in `run` ([first
+  step, length]); raises NonFiniteLossError once it reaches `limit`."""
+  for step, metrics in history:
+    if metrics['finite'] >= 1:
+      run[:] = [0, 0]
+      continue
+    run[:] = [run[0] or step, run[1] + 1]
+    if run[1] >= limit:
+      raise NonFiniteLossError(
+          f'{limit} consecutive updates (steps {run[0]} to {step}) were '
+          f'non-finite ({_nonfinite(metrics)}) and skipped. Training stopped; '
+          f'{_kept(last_good)}. Lower lr_e/lr_g or weight_rec, or raise '
+          '--config.max_consecutive_skips.')
+
+
+class _Interrupted(Exception):
+  """A stop signal arrived during an interruptible stretch (evaluation)."""
 
 
 class _StopSignals:
   """SIGTERM (preemption) and SIGINT (Ctrl-C) become a flag the loop checks
   after each step, so it saves the current step and returns; a second
-  signal aborts at once."""
+  signal aborts at once. Inside `call_interruptible` (an in-training
+  evaluation, which can take longer than a preemption notice) the signal
+  also abandons that work at once, so the save follows within seconds."""
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.received = None  # the first signal's number
     self._previous = {}
+    self._interruptible = False
+
+  def call_interruptible(self, fn, *args):
+    """fn(*args), or None when a stop signal arrives before or during it."""
+    if self.requested:
+      return None
+    self._interruptible = True
+    try:
+      return fn(*args)
+    except _Interrupted:
+      return None
+    finally:
+      self._interruptible = False
 
   def __enter__(self):
     if jax.process_count() > 1:
@@ -113,6 +162,9 @@ class _StopSignals:
     logging.warning('%s received: saving a checkpoint at the current step and '
                     'exiting (send it again to abort at once).', name)
     self.received = signum
+    if self._interruptible:
+      self._interruptible = False
+      raise _Interrupted()
 
   @property
   def requested(self) -> bool:
@@ -123,37 +175,50 @@ class _StopSignals:
       signal.signal(signum, previous)
 
 
-def _resume_identity(config, workdir, latest_step):
-  """Checks the config against the run's stored config.json (before anything
-  is written) and returns the identity changes to record.
+def _resume_identity(config, workdir, manager):
+  """Checks the config against the run's recorded identity (before anything
+  is written) and returns (stored config dict or None, changes to record).
 
+  The identity is the config recorded with the newest checkpoint
+  (`checkpointing.save(config=...)`), so a lost or edited config.json
+  changes nothing; workdirs of 0.2.0 (no record) fall back on config.json.
   A step-0 checkpoint (`introvae_jax.convert`'s import of the authors'
   weights) has trained nothing yet: any recipe may start from it.
   """
+  latest_step = manager.latest_step()
+  if latest_step is None:
+    return None, []
+  record = checkpointing.stored_config(manager)
   path = workdir_lib.path(workdir, checkpointing.CONFIG_NAME)
-  if latest_step is None or not path.exists():
-    return []
-  stored = configuration.read_json(str(path))
+  if record is not None:
+    stored = record[1]
+  elif path.exists():
+    stored = configuration.read_json(str(path))
+  else:
+    logging.warning('%s has checkpoints but no record of their config; '
+                    'resuming without checking the run identity.', workdir)
+    return None, []
   if latest_step == 0:
-    return configuration.identity_changes(stored, config)
-  return configuration.check_resume(stored, config, f'--workdir={workdir}')
+    return stored, configuration.identity_changes(stored, config)
+  return stored, configuration.check_resume(stored, config,
+                                            f'--workdir={workdir}')
 
 
-def _write_config(config, workdir, start: int, changes) -> None:
-  """Writes config.json; after an allowed identity change the previous one is
-  kept as config.<step>.json."""
-  path = workdir_lib.path(workdir, checkpointing.CONFIG_NAME)
+def _write_config(config, workdir, start: int, stored, changes) -> None:
+  """Writes config.json; after an allowed identity change the previous
+  config (`stored`) is kept as config.<step>.json."""
   if changes:
     kept = workdir_lib.path(workdir, f'config.{start}.json')
     n = 1
     while kept.exists():
       kept, n = workdir_lib.path(workdir, f'config.{start}.{n}.json'), n + 1
-    kept.write_text(path.read_text())
+    kept.write_text(json.dumps(stored, indent=2))
     for name, old, new in changes:
       logging.warning('Resuming at step %d with %s changed from %r to %r; '
                       'the previous config is kept as %s.', start, name, old,
                       new, kept.name)
-  path.write_text(config.to_json_best_effort(indent=2))
+  workdir_lib.path(workdir, checkpointing.CONFIG_NAME).write_text(
+      config.to_json_best_effort(indent=2))
 
 
 def _drop_orphaned_events(workdir, start: int) -> None:
@@ -203,19 +268,19 @@ def _write_images(writer, workdir, step, state, reals, z_fixed, config):
         grid)
 
 
-def _make_evaluator(config, writer):
-  """evaluate(step, state): metrics of `evaluation.evaluate_model` on fixed
-  (held-out when configured) images, written as eval/<name> scalars."""
+def _make_evaluator(config):
+  """evaluate(state) -> {'eval/<name>': value}: `evaluation.evaluate_model`
+  on fixed (held-out when configured) images."""
   reals = input_pipeline.eval_images(config, config.eval_num_images)
   extractors, real_features = evaluation.feature_extractors_for(
       config, reals, inception_path=config.fid_weights or None,
       classifier_path=config.digit_classifier or None, log=logging.info)
 
-  def evaluate(step, state):
+  def evaluate(state):
     metrics = evaluation.evaluate_model(
         state, config, reals, jax.random.PRNGKey(config.seed + 2),
         feature_extractors=extractors, real_features=real_features)
-    writer.write_scalars(step, {f'eval/{k}': v for k, v in metrics.items()})
+    return {f'eval/{k}': v for k, v in metrics.items()}
 
   return evaluate
 
@@ -254,22 +319,30 @@ def _check_weight_files(config) -> None:
 def _train(config, workdir: str, manager) -> step_lib.TrainState:
   is_host0 = jax.process_index() == 0
   checkpointing.check_model(manager, config)  # another model: say so first
-  changes = _resume_identity(config, workdir, manager.latest_step())
+  stored, changes = _resume_identity(config, workdir, manager)
   if config.eval_every_steps:
     _check_weight_files(config)
   mesh = parallel.make_mesh()
   state = checkpointing.restore(manager, config, mesh=mesh,
                                 move_damaged=is_host0)
   start = 0 if state is None else parallel.host_int(state.step)
+  if start >= config.num_train_steps:
+    logging.info('The run is complete: step %d of %d; nothing to do (raise '
+                 '--config.num_train_steps to train further).', start,
+                 config.num_train_steps)
+    return state
   data = input_pipeline.create_input_iter(config, start_step=start)
   if state is None:
     state = step_lib.create_train_state(
         config, jax.random.PRNGKey(config.seed), mesh=mesh)
   else:
-    logging.info('Resuming from step %d.', start)
+    logging.info('Resuming from step %d of %d.', start, config.num_train_steps)
   last_good = manager.latest_step()
   if is_host0:
-    _write_config(config, workdir, start, changes)
+    # An identity change becomes the run's record only once a checkpoint is
+    # saved under it (after the first save below).
+    if not changes:
+      _write_config(config, workdir, start, stored, changes)
     if start:
       _drop_orphaned_events(workdir, start)
   writer = metric_writers.create_default_writer(
@@ -279,7 +352,7 @@ def _train(config, workdir: str, manager) -> step_lib.TrainState:
   z_fixed = jax.random.normal(jax.random.PRNGKey(config.seed + 1),
                               (config.num_image_samples, config.hdim))
   # Images and evaluation are local work for host 0's writer only.
-  evaluate = (_make_evaluator(config, writer)
+  evaluate = (_make_evaluator(config)
               if config.eval_every_steps and is_host0 else None)
   train_step = step_lib.make_train_step(config, mesh=mesh)
   batches = parallel.prefetch_to_mesh(
@@ -291,6 +364,7 @@ def _train(config, workdir: str, manager) -> step_lib.TrainState:
   bar = tqdm.tqdm(total=config.num_train_steps, initial=start, unit='step',
                   disable=not (is_host0 and sys.stderr.isatty()))
   history: List[Tuple[int, Dict]] = []
+  skips = [0, 0]  # the current run of skipped steps: [first step, length]
 
   def flush(step):
     host = [(s, {k: float(v) for k, v in
@@ -299,6 +373,8 @@ def _train(config, workdir: str, manager) -> step_lib.TrainState:
     history.clear()
     if config.on_nonfinite == 'stop':
       _check_finite(host, last_good)
+    else:
+      _count_skips(host, skips, config.max_consecutive_skips, last_good)
     if host:
       mean = {k: np.mean([m[k] for _, m in host]) for k in host[-1][1]}
       mean['skipped_steps'] = parallel.host_int(state.skipped_steps)
@@ -317,18 +393,26 @@ def _train(config, workdir: str, manager) -> step_lib.TrainState:
         progress(step)
         bar.update(1)
         last = step == config.num_train_steps
-        stop = signals.requested or manager.reached_preemption(step)
-        if step % config.log_every_steps == 0 or last or stop:
+        if step % config.log_every_steps == 0 or last or signals.requested:
           flush(step)
         if is_host0 and (step % config.image_every_steps == 0 or last):
           _write_images(writer, workdir, step, parallel.local_copy(state),
                         reals, z_fixed, config)
         if evaluate and (step % config.eval_every_steps == 0 or last):
-          evaluate(step, parallel.local_copy(state))
+          # A stop signal abandons the evaluation, so the save comes first.
+          results = signals.call_interruptible(evaluate,
+                                               parallel.local_copy(state))
+          if results is not None:
+            writer.write_scalars(step, results)
+        stop = signals.requested or manager.reached_preemption(step)
         if step % config.checkpoint_every_steps == 0 or last or stop:
-          flush(step)  # Never save a state that saw a non-finite loss.
-          checkpointing.save(manager, state, force=True)
+          flush(step)  # Never save a state that is not finite.
+          checkpointing.save(manager, state, force=True, config=config)
           last_good = step
+          if changes and is_host0:
+            manager.wait_until_finished()  # the new identity is on disk
+            _write_config(config, workdir, start, stored, changes)
+            changes = []
         if stop:
           _LAST_STOP_SIGNAL = signals.received or signal.SIGTERM
           logging.warning(

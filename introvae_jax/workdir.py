@@ -36,15 +36,64 @@ def path(workdir, *parts) -> epath.Path:
   return epath.Path(root).joinpath(*parts)
 
 
+def _refuse_link(found: str, workdir) -> None:
+  raise WorkdirError(
+      f'{found} is a symbolic link inside --workdir={workdir}; the program '
+      'never writes through a link in its workdir. Remove the link (the '
+      'workdir itself may be one), or use another --workdir.')
+
+
+def check_no_links(workdir) -> None:
+  """Refuses a local workdir that holds a symbolic link where the program
+  writes: its own entries and those of its folders (images/, checkpoints/,
+  ...), where a planted link would send a write, a rename or a removal to a
+  file outside the workdir. Deeper levels are written only into folders the
+  program has just made itself. A no-op for gs:// workdirs."""
+  if is_remote(workdir):
+    return
+  root = str(path(workdir))
+  if not os.path.isdir(root):
+    return
+  for entry in os.scandir(root):
+    if entry.is_symlink():
+      _refuse_link(entry.path, workdir)
+    if entry.is_dir(follow_symlinks=False):
+      for inner in os.scandir(entry.path):
+        if inner.is_symlink():
+          _refuse_link(inner.path, workdir)
+
+
+def open_no_follow(file_path: str, flags: int) -> int:
+  """os.open that refuses (WorkdirError) a symbolic link or a folder at
+  `file_path` instead of writing through it."""
+  try:
+    return os.open(file_path, flags | os.O_NOFOLLOW, 0o644)
+  except OSError as e:
+    if e.errno == errno.ELOOP:
+      _refuse_link(file_path, os.path.dirname(file_path))
+    if e.errno == errno.EISDIR:
+      raise WorkdirError(
+          f'{file_path} is a folder where the program keeps a file; move it '
+          'away, or use another --workdir.') from None
+    raise
+
+
 def prepare(workdir, process_index: int = 0) -> None:
-  """Creates the workdir and checks that this process can write to it."""
+  """Creates the workdir, checks that this process can write to it and that
+  no link planted in it would take a write outside (`check_no_links`)."""
   try:
     root = path(workdir)
     root.mkdir(parents=True, exist_ok=True)
+    check_no_links(workdir)
     probe = root / f'.write_test_{process_index}'  # hosts may share it
-    probe.write_text('ok')
+    if is_remote(workdir):
+      probe.write_text('ok')
+    else:
+      os.close(open_no_follow(str(probe), os.O_WRONLY | os.O_CREAT))
     probe.unlink()
   except OSError as e:
+    if isinstance(e, WorkdirError):
+      raise
     raise WorkdirError(
         f'Cannot write to --workdir={workdir} ({e.strerror or e}); pass a '
         'directory you can write to.') from e
@@ -65,7 +114,7 @@ class RunLock:
     if is_remote(self.workdir):
       return self
     lock_path = str(path(self.workdir, LOCK_NAME))
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = open_no_follow(lock_path, os.O_RDWR | os.O_CREAT)
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:

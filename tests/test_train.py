@@ -6,18 +6,28 @@ model (16 px, channels (4, 8), hdim 4). Child processes share a persistent
 compilation cache so each pays for XLA compilation once.
 """
 
+import contextlib
 import glob
 import importlib.util
+import json
+import logging
 import os
 import signal
 import subprocess
+import threading
 import time
+import types
+
+from absl import logging as absl_logging
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from introvae_jax import base_config, checkpointing, create_train_state, train
+from introvae_jax import step as step_lib
 from introvae_jax.errors import WorkdirError
 
 from train_utils import (REPO, SCALAR_TAGS, complete_steps,
@@ -119,9 +129,13 @@ def test_other_architecture_checkpoint_is_refused_and_kept(tmp_path):
   assert dir_digest(os.path.join(workdir, 'checkpoints')) == before
 
 
+# A margin and negative weight whose product overflows float32 make loss_e
+# infinite from the first adversarial step (validation refuses inf itself).
+OVERFLOWING_HINGE = dict(m_plus=1e30, weight_neg=1e10)
+
+
 def test_nonfinite_loss_stops_with_step_and_term(tmp_path):
-  # An infinite margin makes loss_e infinite from the first adversarial step.
-  config = tiny_config(m_plus=float('inf'), num_vae_steps=0, num_train_steps=3,
+  config = tiny_config(**OVERFLOWING_HINGE, num_vae_steps=0, num_train_steps=3,
                         log_every_steps=1, image_every_steps=100)
   with pytest.raises(train.NonFiniteLossError, match=r'step 1: .*loss_e'):
     train.train_and_evaluate(config, str(tmp_path / 'stop'))
@@ -129,7 +143,7 @@ def test_nonfinite_loss_stops_with_step_and_term(tmp_path):
 
 
 def test_nonfinite_updates_are_skipped_and_counted(tmp_path):
-  config = tiny_config(m_plus=float('inf'), num_vae_steps=0, num_train_steps=2,
+  config = tiny_config(**OVERFLOWING_HINGE, num_vae_steps=0, num_train_steps=2,
                         log_every_steps=1, image_every_steps=100,
                         on_nonfinite='skip')
   final = train.train_and_evaluate(config, str(tmp_path / 'skip'))
@@ -168,3 +182,235 @@ def test_every_config_loads_and_builds(path):
   assert leaves and all(leaf.dtype == np.float32 for leaf in leaves)
   if config.arch == 'conv':
     assert config.image_size == 4 * 2 ** len(config.channels)
+
+
+# --------------------------------------------------------------------------
+# Divergence: a checkpoint is written only from a finite state.
+
+def _overflow_from(monkeypatch, first, last=None):
+  """The decoder's Adam takes a learning rate of 1e39 at steps first..last
+  (1-based): a real update that overflows float32 while the step's losses,
+  computed before it, are still finite."""
+  make_optimizers = step_lib.make_optimizers
+
+  def overflowing(config):
+    tx_e, _ = make_optimizers(config)
+    def lr(count):  # count: updates made before this one
+      hit = count + 1 >= first
+      if last is not None:
+        hit &= count + 1 <= last
+      return jnp.where(hit, 1e39, config.lr_g)
+    return tx_e, optax.adam(lr, b1=config.adam_b1, b2=config.adam_b2,
+                            eps=config.adam_eps)
+  monkeypatch.setattr(step_lib, 'make_optimizers', overflowing)
+
+
+def _assert_checkpoints_finite(workdir, config, steps):
+  assert complete_steps(workdir) == steps
+  manager = checkpointing.make_manager(workdir, max_to_keep=None,
+                                       read_only=True)
+  for step in steps:
+    state = checkpointing.restore(manager, config, step)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+      assert np.isfinite(np.asarray(leaf)).all(), (step, path)
+
+
+def test_overflow_with_finite_losses_stops_before_saving(tmp_path,
+                                                         monkeypatch):
+  """on_nonfinite='stop': an update that overflows at step 3 (losses still
+  finite) stops the run naming step 3 and the state, and the newest
+  checkpoint is step 2's, finite. Before the fix only the losses were
+  checked: step 3's NaN weights were saved and called good."""
+  _overflow_from(monkeypatch, 3)
+  config = tiny_config(num_train_steps=5, checkpoint_every_steps=1,
+                       log_every_steps=1, image_every_steps=100, max_to_keep=10)
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(train.NonFiniteLossError,
+                     match=r'at step 3: the updated parameters or optimiser '
+                     r'state became NaN/inf.*last good checkpoint \(step 2\)'):
+    train.train_and_evaluate(config, workdir)
+  _assert_checkpoints_finite(workdir, config, [1, 2])
+
+
+def test_divergence_at_the_first_step_names_no_checkpoint(tmp_path,
+                                                          monkeypatch):
+  """Before the fix the message said '(step None)'."""
+  _overflow_from(monkeypatch, 1)
+  config = tiny_config(num_train_steps=3, checkpoint_every_steps=1,
+                       log_every_steps=1, image_every_steps=100)
+  with pytest.raises(train.NonFiniteLossError,
+                     match='at step 1: .*no checkpoint had been saved yet'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not complete_steps(str(tmp_path / 'run'))
+
+
+def _poisoned_batch_at(monkeypatch, bad_step):
+  """The training step sees a batch scaled by 1e30 at step `bad_step` (its
+  reconstruction loss overflows): a one-off non-finite step."""
+  make_train_step = step_lib.make_train_step
+
+  def poisoning(config, **kwargs):
+    compiled = make_train_step(config, **kwargs)
+    def call(state, batch, *args):
+      if int(state.step) + 1 == bad_step:
+        batch = batch * 1e30
+      return compiled(state, batch, *args)
+    return call
+  monkeypatch.setattr(step_lib, 'make_train_step', poisoning)
+
+
+def test_skip_keeps_the_state_and_stops_after_consecutive_skips(
+    tmp_path, monkeypatch):
+  """on_nonfinite='skip': a one-off non-finite step (2) is skipped, the state
+  before it kept and the run finishes; an overflowing update that persists
+  stops the run after max_consecutive_skips (2) skips. Every checkpoint is
+  finite. Before the fix a run with an overflowing update ended with exit 0
+  and an all-NaN decoder."""
+  config = tiny_config(num_train_steps=3, checkpoint_every_steps=1,
+                       log_every_steps=1, image_every_steps=100,
+                       on_nonfinite='skip', max_consecutive_skips=2,
+                       max_to_keep=10)
+  workdir = str(tmp_path / 'run')
+  _overflow_from(monkeypatch, 1000)  # the same optimiser structure throughout
+  with monkeypatch.context() as patch:
+    _poisoned_batch_at(patch, 2)
+    final = train.train_and_evaluate(config, workdir)
+  assert int(final.step) == 3 and int(final.skipped_steps) == 1
+  _assert_checkpoints_finite(workdir, config, [1, 2, 3])
+  manager = checkpointing.make_manager(workdir, max_to_keep=None,
+                                       read_only=True)
+  one, two = (checkpointing.restore(manager, config, s) for s in (1, 2))
+  jax.tree_util.tree_map(np.testing.assert_array_equal,
+                         (one.params_e, one.params_g, one.opt_state_g,
+                          one.batch_stats_e),
+                         (two.params_e, two.params_g, two.opt_state_g,
+                          two.batch_stats_e))
+
+  # Adam's count lags the step by the one skip: its 4th update is step 5's,
+  # and a skipped update leaves the count, so it overflows from then on.
+  _overflow_from(monkeypatch, 4)
+  longer = config.copy_and_resolve_references()
+  longer.num_train_steps = 8
+  with pytest.raises(train.NonFiniteLossError,
+                     match=r'2 consecutive updates \(steps 5 to 6\) were '
+                     r'non-finite.*last good checkpoint \(step 5\)'):
+    train.train_and_evaluate(longer, workdir)
+  # Step 5 was skipped (its state is step 4's, finite) and saved.
+  _assert_checkpoints_finite(workdir, config, [1, 2, 3, 4, 5])
+
+
+# --------------------------------------------------------------------------
+# Resume identity, finished runs, stopping during an evaluation.
+
+def test_identity_is_checked_from_the_checkpoint_when_config_json_is_lost(
+    tmp_path):
+  """Each checkpoint records its run's config: with config.json deleted, a
+  resume under another seed and batch size is refused, naming both, and
+  nothing is written; the original command resumes and writes config.json
+  again. A finished run rerun says it is complete and writes nothing.
+  Before the fix the changed run resumed silently and wrote the new values
+  as its identity, and a rerun logged 'Resuming' and added an event file."""
+  workdir = str(tmp_path / 'run')
+  config = tiny_config(num_train_steps=2, checkpoint_every_steps=1,
+                       log_every_steps=1, image_every_steps=100)
+  train.train_and_evaluate(config, workdir)
+  os.remove(os.path.join(workdir, 'config.json'))
+  before = dir_digest(workdir)
+  recorded, state = checkpointing.load_run(workdir)  # what the tools open
+  assert json.loads(recorded.to_json()) == json.loads(config.to_json())
+  assert int(state.step) == 2
+  changed = tiny_config(num_train_steps=3, seed=7, batch_size=4,
+                        checkpoint_every_steps=1, log_every_steps=1,
+                        image_every_steps=100)
+  with pytest.raises(ValueError, match=r'batch_size: 8 -> 4; seed: 0 -> 7'):
+    train.train_and_evaluate(changed, workdir)
+  assert dir_digest(workdir) == before
+
+  events = glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))
+  with _captured_log() as log:
+    state = train.train_and_evaluate(config, workdir)  # 2 of 2: complete
+  assert int(state.step) == 2
+  assert 'complete: step 2 of 2' in log.text
+  assert dir_digest(workdir) == before
+  assert glob.glob(os.path.join(workdir, 'events.out.tfevents.*')) == events
+
+  longer = tiny_config(num_train_steps=3, checkpoint_every_steps=1,
+                       log_every_steps=1, image_every_steps=100)
+  train.train_and_evaluate(longer, workdir)
+  assert complete_steps(workdir)[-1] == 3
+  assert checkpointing.configuration.read_json(
+      os.path.join(workdir, 'config.json'))['seed'] == 0
+
+
+def test_a_diverged_allowed_change_does_not_become_the_identity(tmp_path):
+  """A resume with --config.allow_changes=m_plus,weight_neg whose new values
+  make the loss infinite stops before any checkpoint under them: config.json and the
+  checkpoints' record keep the old margin, so the original command still
+  resumes. Before the fix config.json recorded the new margin at the start
+  and the original command was refused from then on."""
+  workdir = str(tmp_path / 'run')
+  base = dict(checkpoint_every_steps=1, log_every_steps=1,
+              image_every_steps=100)
+  original = tiny_config(num_train_steps=2, **base)
+  train.train_and_evaluate(original, workdir)
+  diverging = tiny_config(num_train_steps=4, **OVERFLOWING_HINGE,
+                          allow_changes='m_plus,weight_neg', **base)
+  with pytest.raises(train.NonFiniteLossError, match='at step 3'):
+    train.train_and_evaluate(diverging, workdir)
+  assert checkpointing.configuration.read_json(
+      os.path.join(workdir, 'config.json'))['m_plus'] == 5.0
+  assert not glob.glob(os.path.join(workdir, 'config.*.json'))
+  resumed = tiny_config(num_train_steps=3, **base)
+  train.train_and_evaluate(resumed, workdir)
+  assert complete_steps(workdir)[-1] == 3
+
+
+def test_stop_signal_during_evaluation_saves_within_seconds(tmp_path,
+                                                            monkeypatch):
+  """SIGTERM while an in-training evaluation runs abandons the evaluation,
+  saves the step's checkpoint and returns within 10 s. Before the fix the
+  loop waited for the whole evaluation (28 s on the default recipe) first.
+  The stand-in evaluation is a 60 s Python loop, as the real one is many
+  short device calls."""
+  started = []
+
+  def slow_evaluator(config):
+    del config
+    def evaluate(state):
+      del state
+      started.append(time.monotonic())
+      threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+      for _ in range(600):
+        time.sleep(0.1)
+      return {'eval/never': 0.0}
+    return evaluate
+
+  monkeypatch.setattr(train, '_make_evaluator', slow_evaluator)
+  workdir = str(tmp_path / 'run')
+  config = tiny_config(num_train_steps=4, eval_every_steps=2,
+                       checkpoint_every_steps=4, log_every_steps=1,
+                       image_every_steps=100)
+  state = train.train_and_evaluate(config, workdir)
+  assert time.monotonic() - started[0] < 10
+  assert train.last_stop_signal() == signal.SIGTERM
+  assert int(state.step) == 2 and complete_steps(workdir) == [2]
+  assert 'eval/never' not in scalars(workdir)
+
+
+@contextlib.contextmanager
+def _captured_log():
+  """absl INFO lines logged inside the block, as `.text`."""
+  records = []
+  handler = logging.Handler()
+  handler.emit = lambda record: records.append(record.getMessage())
+  logger = absl_logging.get_absl_logger()
+  level = logger.level
+  logger.addHandler(handler)
+  logger.setLevel(logging.INFO)
+  result = types.SimpleNamespace(text='')
+  try:
+    yield result
+  finally:
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+    result.text = '\n'.join(records)
