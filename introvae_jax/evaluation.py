@@ -23,11 +23,15 @@ loop), `evaluate_workdir` for a workdir's checkpoint:
     # add --inception=<pytorch-fid's .pth> for FID and KID
 
 The weights files are checked (and loaded) before the checkpoint and the
-images, so a wrong path fails at once. Files go through `etils.epath`
-(local or gs://). Caches this program writes (the real images' Inception
-features and statistics, the .npz converted from the Inception .pth) are
-rebuilt, with a warning, when they cannot be read; a damaged file the user
-supplied is an error naming it.
+images, so a wrong path fails at once. The networks run `sampling.CHUNK_SIZE`
+(250) images per call; SWD and KID compare whole sets, so the real and
+generated images are held in memory: more than `MAX_EVAL_IMAGES`, or more than
+the memory available (`memory_estimate`), is refused before any work. A
+float64 run is evaluated in float64 (the CLI turns on 64-bit JAX). Files go
+through `etils.epath` (local or gs://). Caches this program writes (the real
+images' Inception features and statistics, the .npz converted from the
+Inception .pth) are rebuilt, with a warning, when they cannot be read; a
+damaged file the user supplied is an error naming it.
 """
 
 import hashlib
@@ -314,7 +318,73 @@ def mse(images, reconstructions) -> np.ndarray:
 
 def psnr(images, reconstructions, data_range: float = 1.0) -> np.ndarray:
   """Peak signal-to-noise ratio per image in dB: 10 log10(range^2 / MSE)."""
-  return 10.0 * np.log10(data_range ** 2 / mse(images, reconstructions))
+  return _psnr_of_mse(mse(images, reconstructions), data_range)
+
+
+def _psnr_of_mse(mse_values, data_range: float = 1.0) -> np.ndarray:
+  return 10.0 * np.log10(data_range ** 2 / mse_values)
+
+
+# --------------------------------------------------------------------------
+# Memory.
+
+# The most images (each set) evaluation takes: FID's usual count. SWD and KID
+# compare whole sets, so all of them are held in memory.
+MAX_EVAL_IMAGES = 50_000
+
+
+def memory_estimate(num_images: int, image_size: int, channels: int,
+                    feature_dim: int = 0) -> int:
+  """Rough peak bytes of `evaluate_model` for num_images real and as many
+  generated images: both sets and a working copy, SWD's patch descriptors and
+  projections (images of 16 px or more), features and their float64 copies."""
+  image = image_size ** 2 * channels * 4
+  per_image = 3 * image
+  if image_size >= 16:
+    levels = len(swd_resolutions(image_size))
+    per_image += 2 * levels * 128 * 49 * channels * 4 + 4 * 128 * 128 * 4
+  return num_images * (per_image + 5 * feature_dim * 8)
+
+
+def available_memory() -> Optional[int]:
+  """MemAvailable of /proc/meminfo in bytes; None where there is none."""
+  try:
+    with open('/proc/meminfo') as f:
+      for line in f:
+        if line.startswith('MemAvailable:'):
+          return int(line.split()[1]) * 1024
+  except (OSError, ValueError, IndexError):
+    pass
+  return None
+
+
+def check_num_images(num_images: int, image_size: Optional[int] = None,
+                     channels: Optional[int] = None, feature_dim: int = 0,
+                     available: Optional[int] = None) -> None:
+  """Refuses (`sampling.RequestTooLargeError`, with the memory estimate) more
+  than MAX_EVAL_IMAGES images, or more than `available` bytes (default: the
+  memory available now) hold. Without the image shape only the count is
+  checked."""
+  from introvae_jax.sampling import RequestTooLargeError, format_bytes
+  need = ''
+  if image_size and channels:
+    per_image = memory_estimate(1, image_size, channels, feature_dim)
+    need = (f'~{format_bytes(num_images * per_image)} of memory for '
+            f'{image_size} px images')
+  if num_images > MAX_EVAL_IMAGES:
+    raise RequestTooLargeError(
+        f'--num_images={num_images}: evaluation holds every real and generated '
+        'image in memory (SWD, KID compare whole sets)'
+        f'{", " + need if need else ""}; use --num_images={MAX_EVAL_IMAGES} '
+        'or less.')
+  available = available_memory() if available is None else available
+  if need and available is not None and num_images * per_image > available:
+    fits = available // per_image
+    raise RequestTooLargeError(
+        f'--num_images={num_images} needs {need} (images, SWD descriptors, '
+        f'features), more than the {format_bytes(available)} available; '
+        + (f'use --num_images={fits} or less.' if fits >= 2 else
+           'free some memory first.'))
 
 
 # --------------------------------------------------------------------------
@@ -343,7 +413,8 @@ def feature_metrics(name: str, real_features, fake_features,
 
 
 def evaluate_model(state, config, real_images, key, *, num_samples=None,
-                   use_running_average: bool = False, batch_size: int = 250,
+                   use_running_average: bool = False,
+                   batch_size: Optional[int] = None,
                    swd_min_resolution: int = 16, swd_kwargs=None,
                    feature_extractors=None, real_features=None,
                    kid_subset_size: int = 1000) -> Dict[str, float]:
@@ -356,9 +427,11 @@ def evaluate_model(state, config, real_images, key, *, num_samples=None,
     num_samples: generated images (default N; SWD needs N, so it is skipped
       for other values).
     use_running_average: BatchNorm mode for every network call.
-    batch_size: images per network call. With batch statistics
-      (use_running_average=False) outputs depend on it; keep it fixed when
-      comparing runs.
+    batch_size: images per network call (default `sampling.CHUNK_SIZE`,
+      250). With batch statistics (use_running_average=False) outputs depend
+      on it; keep it fixed when comparing runs. Reconstructions are reduced
+      to their errors chunk by chunk; the generated images are kept (SWD and
+      the features compare whole sets).
     swd_min_resolution: coarsest SWD pyramid level (Progressive GAN: 16);
       SWD is skipped for images smaller than this.
     swd_kwargs: other `sliced_wasserstein_distance` arguments.
@@ -379,18 +452,20 @@ def evaluate_model(state, config, real_images, key, *, num_samples=None,
   real = np.asarray(real_images, np.float32)
   n = len(real)
   num_samples = n if num_samples is None else num_samples
+  batch_size = batch_size or sampling.CHUNK_SIZE
   bn = dict(use_running_average=use_running_average)
   k_sample, k_kl = jax.random.split(key)
-  rec = np.concatenate([
-      np.asarray(sampling.reconstruct(state, real[i:j], config, **bn))
+  # Per-image errors, not the reconstructions: one chunk of them at a time.
+  rec_mse = np.concatenate([
+      mse(real[i:j], sampling.reconstruct(state, real[i:j], config, **bn))
       for i, j in _batches(n, batch_size)])
   sample_batches = _batches(num_samples, batch_size)
   fake = np.concatenate([
       np.asarray(sampling.sample(state, k, j - i, config, **bn))
       for (i, j), k in zip(sample_batches,
                            jax.random.split(k_sample, len(sample_batches)))])
-  out = {'rec_mse': float(mse(real, rec).mean()),
-         'rec_psnr': float(psnr(real, rec).mean())}
+  out = {'rec_mse': float(rec_mse.mean()),
+         'rec_psnr': float(_psnr_of_mse(rec_mse).mean())}
   # KL statistics per batch (as in training), weighted by batch size.
   real_batches = _batches(n, batch_size)
   kls = []
@@ -512,6 +587,15 @@ def evaluate_workdir(workdir: str, *, num_images: int = 1000, step=None,
   if num_images < 2:
     raise errors.UserError(f'num_images={num_images}: the distances need at '
                            'least 2 images (--num_images>=2).')
+  from introvae_jax import sampling
+  saved = sampling.saved_config(workdir) or {}
+  try:
+    shape = int(saved['image_size']), int(saved['image_channels'])
+  except (KeyError, TypeError, ValueError):
+    shape = None, None  # loading the run says what is wrong
+  check_num_images(num_images, *shape, feature_dim=(
+      (2048 if inception_path else 0)
+      + (128 if saved.get('dataset') == 'mnist_offline' else 0)))
   # The weights first: loading the run and its images takes much longer.
   load_feature_weights(None, inception_path=inception_path,
                        classifier_path=classifier_path, log=None)
@@ -550,8 +634,10 @@ def evaluate_workdir(workdir: str, *, num_images: int = 1000, step=None,
 
 def main(argv):
   from absl import flags
+  from introvae_jax import sampling
   del argv
   f = flags.FLAGS
+  sampling.enable_x64_for_run(f.workdir)  # before any array is made
   evaluate_workdir(f.workdir, num_images=f.num_images, step=f.step,
                    seed=f.seed, batch_norm=f.batch_norm,
                    inception_path=f.inception, classifier_path=f.classifier)
@@ -561,8 +647,8 @@ def _define_flags():
   from absl import flags
   flags.DEFINE_string('workdir', None, 'A training workdir (config.json and '
                       'checkpoints).', required=True)
-  flags.DEFINE_integer('num_images', 1000, 'Real and generated images (>= 2).',
-                       lower_bound=2)
+  flags.DEFINE_integer('num_images', 1000, 'Real and generated images (>= 2, '
+                       f'at most {MAX_EVAL_IMAGES:,}).', lower_bound=2)
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: newest).',
                        lower_bound=0)
   flags.DEFINE_integer('seed', 0, 'Seed of the prior samples.')

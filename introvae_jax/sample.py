@@ -6,12 +6,22 @@ Loads `<workdir>/config.json` and the newest checkpoint (or `--step`), and
 writes PNG grids plus one PNG per prior sample under `--out` (local or
 gs://). A converted checkpoint's workdir (`introvae_jax.convert`) works the
 same. Flags, the workdir and the `--images` folder are checked before any
-model work; a mistake is one line on stderr, exit status 2.
+model work; a mistake is one line on stderr, exit status 2. A float64 run is
+sampled in float64 (64-bit JAX is turned on, as main.py does).
+
+Any --num is made `sampling.CHUNK_SIZE` (250) images per network call and
+written chunk by chunk, so memory stays bounded; up to 250 the samples are
+one call, as before chunking. The grids (samples.png, reconstructions.png)
+show the first chunk only. A request above `MAX_NUM` images, or whose PNGs
+would not fit in --out's free space, is refused up front with its estimate.
 """
 
 import os
+import shutil
+import time
 
 from absl import flags
+from absl import logging
 from etils import epath
 
 from introvae_jax import cli
@@ -19,12 +29,14 @@ from introvae_jax import errors
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir.')
 _OUT = flags.DEFINE_string('out', None, 'Output folder (default <workdir>/samples).')
-_NUM = flags.DEFINE_integer('num', 64, 'Prior samples and reconstructions.')
+_NUM = flags.DEFINE_integer('num', 64, 'Prior samples, one PNG each (at most '
+                            '1,000,000); the grids show the first 250 and as '
+                            'many reconstructions.')
 _TEMPERATURE = flags.DEFINE_float('temperature', 1.0, 'Prior std multiplier.')
 _IMAGES = flags.DEFINE_string('images', None, 'Folder of images to reconstruct '
                               '(default: the run\'s own data set).')
-_INTERPOLATION_STEPS = flags.DEFINE_integer('interpolation_steps', 8,
-                                            'Images per interpolation row.')
+_INTERPOLATION_STEPS = flags.DEFINE_integer(
+    'interpolation_steps', 8, 'Images per interpolation row (2 to 250).')
 _BN = flags.DEFINE_enum('batch_norm', 'batch', ['batch', 'running'],
                         'BatchNorm statistics at sampling time.')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: newest).')
@@ -41,6 +53,15 @@ flags.register_validator('step', lambda s: s is None or s >= 0,
                          '--step must be >= 0')
 
 
+# The most samples one run writes: past a million files in one folder most
+# file systems slow down, and it is hours of work on a CPU. More: run again
+# with another --seed.
+MAX_NUM = 1_000_000
+# An interpolation row is one decode call: at most one chunk
+# (sampling.CHUNK_SIZE) of images.
+MAX_INTERPOLATION_STEPS = 250
+
+
 def check_arguments(num: int, interpolation_steps: int) -> None:
   """The flag checks, for callers of `generate` that bypass the flags."""
   if num < 1:
@@ -48,12 +69,80 @@ def check_arguments(num: int, interpolation_steps: int) -> None:
   if interpolation_steps < 2:
     raise errors.UserError(f'interpolation_steps={interpolation_steps}: an '
                            'interpolation needs >= 2 images (its end points).')
+  if interpolation_steps > MAX_INTERPOLATION_STEPS:
+    raise errors.UserError(
+        f'interpolation_steps={interpolation_steps}: a row holds at most '
+        f'{MAX_INTERPOLATION_STEPS} images (one network call); lower '
+        '--interpolation_steps.')
 
 
 def _check_images(folder: str) -> None:
   """DataError naming `folder` if it is missing or holds no images."""
   from introvae_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   input_pipeline.list_images(folder)
+
+
+def _free_bytes(out: str):
+  """Free space of the local folder `out` or its nearest existing parent;
+  None for gs:// and other remote paths."""
+  if '://' in out:
+    return None
+  path = os.path.abspath(out)
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  return shutil.disk_usage(path).free
+
+
+def _png_cost(image_size: int, channels: int):
+  """(bytes, seconds) of one sample's PNG, measured on noise: incompressible,
+  so at most the size of a sample's."""
+  from introvae_jax import sampling  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  noise = np.random.RandomState(0).randint(
+      0, 256, (image_size, image_size, channels)).astype(np.uint8)
+  size = len(sampling.png_bytes(noise))  # untimed: the first call warms up
+  start, reps = time.perf_counter(), 3
+  for _ in range(reps):
+    sampling.png_bytes(noise)
+  return size, (time.perf_counter() - start) / reps
+
+
+def _duration(seconds: float) -> str:
+  for unit, length in (('days', 86400), ('h', 3600), ('min', 60)):
+    if seconds >= length:
+      return f'{seconds / length:.1f} {unit}'
+  return f'{seconds:.1f} s'
+
+
+def check_request(num: int, out: str, image_size: int, channels: int) -> None:
+  """Refuses (`sampling.RequestTooLargeError`, with the estimate of disk and
+  time) more than MAX_NUM samples, or PNGs that would not fit in `out`."""
+  from introvae_jax import sampling  # pylint: disable=g-import-not-at-top
+  per_png, per_second = _png_cost(image_size, channels)
+  cost = (f'up to {sampling.format_bytes(num * per_png)} of PNGs '
+          f'({sampling.format_bytes(per_png)} each) in {out}, '
+          f'~{_duration(num * per_second)} of PNG encoding alone')
+  if num > MAX_NUM:
+    raise sampling.RequestTooLargeError(
+        f'--num={num}: {cost}; one run writes at most {MAX_NUM:,} samples: '
+        'lower --num, or run again with another --seed and --out.')
+  free = _free_bytes(out)
+  if free is not None and num * per_png > free:
+    raise sampling.RequestTooLargeError(
+        f'--num={num}: {cost}, but {sampling.format_bytes(free)} is free '
+        f'there; lower --num to {free // per_png} or less, or pass an --out '
+        'with more space.')
+
+
+def _run_shape(workdir: str):
+  """(image_size, image_channels) from the run's config.json, or None when
+  it cannot be read (loading the run then says why)."""
+  from introvae_jax import sampling  # pylint: disable=g-import-not-at-top
+  saved = sampling.saved_config(workdir) or {}
+  try:
+    return int(saved['image_size']), int(saved['image_channels'])
+  except (KeyError, TypeError, ValueError):
+    return None
 
 
 def _check_writable(out: str) -> None:
@@ -70,8 +159,13 @@ def generate(workdir, out, *, num=64, temperature=1.0, images=None,
   """Writes samples.png, samples/NNNN.png, reconstructions.png and
   interpolation_{linear,slerp}.png under `out`; returns their paths.
 
+  The samples are made and written `sampling.CHUNK_SIZE` at a time
+  (`sampling.sample_chunks`); the grids show the first chunk. Sample files
+  are numbered with at least 4 digits, more when num > 10,000.
+
   Raises `errors.UserError` (before any sampling) for a bad argument, a
-  missing or empty workdir, or an `images` folder without images.
+  request too large (`check_request`), a missing or empty workdir, or an
+  `images` folder without images.
   """
   # Imported here, after the flags are checked: TensorFlow (the input
   # pipeline) takes ~10 s to import, so a bad --workdir is reported first
@@ -84,6 +178,9 @@ def generate(workdir, out, *, num=64, temperature=1.0, images=None,
   from introvae_jax import sampling
 
   check_arguments(num, interpolation_steps)
+  shape = _run_shape(workdir)
+  if shape:
+    check_request(num, out, *shape)
   if images:
     _check_images(images)
   config, state = checkpointing.load_run(workdir, step,
@@ -102,12 +199,18 @@ def generate(workdir, out, *, num=64, temperature=1.0, images=None,
     sampling.save_png(path, grid)
     written.append(path)
 
-  reals = input_pipeline.eval_images(source, num)
-  fakes = np.asarray(sampling.sample(state, jax.random.PRNGKey(seed), num,
-                                     config, temperature, **bn))
-  save('samples.png', sampling.image_grid(fakes))
-  for i, img in enumerate(fakes):
-    save(os.path.join('samples', f'{i:04d}.png'), sampling.image_grid(img[None]))
+  # The grids hold the first chunk: bounded, and as before for one chunk.
+  reals = input_pipeline.eval_images(source, min(num, sampling.CHUNK_SIZE))
+  width = max(4, len(str(num - 1)))
+  for start, fakes in sampling.sample_chunks(
+      state, jax.random.PRNGKey(seed), num, config, temperature, **bn):
+    if start == 0:
+      save('samples.png', sampling.image_grid(fakes))
+    for i, img in enumerate(fakes, start):
+      save(os.path.join('samples', f'{i:0{width}d}.png'),
+           sampling.image_grid(img[None]))
+    if num > sampling.CHUNK_SIZE:
+      logging.info('%d of %d samples written.', start + len(fakes), num)
 
   recs = np.asarray(sampling.reconstruct(state, reals, config, **bn))
   pairs = np.stack([reals, recs], 1).reshape((-1,) + reals.shape[1:])
@@ -125,7 +228,9 @@ def generate(workdir, out, *, num=64, temperature=1.0, images=None,
 def main(argv):
   del argv
   from introvae_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from introvae_jax import sampling  # pylint: disable=g-import-not-at-top
   checkpointing.quiet_orbax_logs()
+  sampling.enable_x64_for_run(_WORKDIR.value)  # before any array is made
   out = _OUT.value or os.path.join(_WORKDIR.value, 'samples')
   for path in generate(_WORKDIR.value, out, num=_NUM.value,
                        temperature=_TEMPERATURE.value, images=_IMAGES.value,

@@ -5,11 +5,17 @@ with its own batch statistics (the reference's behaviour: its images are made
 in train mode); `True` uses the running averages kept in the state. Measured
 on the offline-digits default (README): batch statistics give the better
 samples (digit FD 210 vs 244, SWD 54 vs 59), so they are the default.
+
+Requests of any size are made `CHUNK_SIZE` images per network call
+(`chunk_bounds`, `sample_chunks`), so memory stays bounded; `enable_x64_for_run`
+lets a tool compute a float64 run in float64.
 """
 
 import functools
 import io
+from typing import Iterator, Optional, Tuple
 
+from absl import logging
 from etils import epath
 import jax
 import jax.numpy as jnp
@@ -17,8 +23,24 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from introvae_jax import configuration
+from introvae_jax import errors
 from introvae_jax import losses
 from introvae_jax import models
+from introvae_jax import workdir as workdir_lib
+
+# Images per network call of the tools (`introvae_jax.sample`, evaluation),
+# whatever the request: memory stays bounded. With batch statistics
+# (use_running_average=False) an image depends on the others of its call, so
+# this is fixed, not fitted to the machine. A request of up to CHUNK_SIZE
+# images is one call, as it was before requests were chunked. 250 is the batch
+# evaluation already used (its outputs are unchanged too) and is above the
+# sample tool's default --num=64.
+CHUNK_SIZE = 250
+
+
+class RequestTooLargeError(errors.UserError, ValueError):
+  """A request for more images than the tool makes, or than fits."""
 
 
 def _frozen(config):
@@ -65,9 +87,49 @@ def reconstruct(state, x, config, use_running_average=False):
 
 
 def sample(state, rng, num, config, temperature=1.0, use_running_average=False):
-  """Decoded prior samples z ~ N(0, temperature^2 I)."""
-  z = temperature * jax.random.normal(rng, (num, config.hdim), jnp.float32)
-  return decode(state, z, config, use_running_average)
+  """Decoded prior samples z ~ N(0, temperature^2 I), in one call."""
+  return decode(state, chunk_noise(rng, 0, num, config.hdim, temperature),
+                config, use_running_average)
+
+
+def format_bytes(num_bytes: float) -> str:
+  """'3.7 TiB', '512 B': a size for messages."""
+  units = ('B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB')
+  i = 0
+  while num_bytes >= 1024 and i < len(units) - 1:
+    num_bytes /= 1024
+    i += 1
+  return f'{num_bytes:.0f} B' if i == 0 else f'{num_bytes:.1f} {units[i]}'
+
+
+def chunk_bounds(num: int,
+                 size: Optional[int] = None) -> Iterator[Tuple[int, int]]:
+  """(start, stop) of consecutive chunks of `size` (CHUNK_SIZE) over num."""
+  size = size or CHUNK_SIZE
+  for start in range(0, num, size):
+    yield start, min(start + size, num)
+
+
+def chunk_noise(rng, index: int, size: int, hdim: int, temperature=1.0):
+  """Prior noise [size, hdim] of chunk `index` of a request.
+
+  Chunk 0 is drawn from `rng` itself, as `sample` draws it, so a request of
+  one chunk is unchanged; chunk c >= 1 from fold_in(rng, c), so the first c
+  chunks of a request do not depend on its size.
+  """
+  key = rng if index == 0 else jax.random.fold_in(rng, index)
+  return temperature * jax.random.normal(key, (size, hdim), jnp.float32)
+
+
+def sample_chunks(state, rng, num, config, temperature=1.0,
+                  use_running_average=False
+                  ) -> Iterator[Tuple[int, np.ndarray]]:
+  """(start, images as NumPy) of `num` prior samples, one decode call of at
+  most CHUNK_SIZE images at a time (noise of `chunk_noise`); for
+  num <= CHUNK_SIZE the one chunk equals `sample(state, rng, num, ...)`."""
+  for index, (start, stop) in enumerate(chunk_bounds(num)):
+    z = chunk_noise(rng, index, stop - start, config.hdim, temperature)
+    yield start, np.asarray(decode(state, z, config, use_running_average))
 
 
 def kl_stats(state, x, z, config, use_running_average=False):
@@ -93,15 +155,20 @@ def image_grid(images, ncol: int = 8) -> np.ndarray:
   return np.round(grid * 255).astype(np.uint8)
 
 
-def save_png(path: str, grid: np.ndarray) -> None:
-  """Writes a uint8 [H, W, 1 or 3] array as PNG (local or gs://), creating
-  parent folders."""
+def png_bytes(grid: np.ndarray) -> bytes:
+  """A uint8 [H, W, 1 or 3] array encoded as PNG."""
   buffer = io.BytesIO()
   Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(
       buffer, format='PNG')
+  return buffer.getvalue()
+
+
+def save_png(path: str, grid: np.ndarray) -> None:
+  """Writes a uint8 [H, W, 1 or 3] array as PNG (local or gs://), creating
+  parent folders."""
   path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_bytes(buffer.getvalue())
+  path.write_bytes(png_bytes(grid))
 
 
 def slerp(z0, z1, t):
@@ -129,3 +196,26 @@ def interpolate(state, x0, x1, config, num: int = 8, kind: str = 'linear',
     raise ValueError(f"kind must be 'linear' or 'slerp', got {kind!r}.")
   return decode(state, jnp.asarray(np.stack(zs), jnp.float32), config,
                 use_running_average)
+
+
+def saved_config(workdir: str) -> Optional[dict]:
+  """The fields of the run's config.json, or None when it cannot be read (a
+  tool's loading of the run then says why). Cheap: no checkpoint is read."""
+  from introvae_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  try:
+    return configuration.read_json(
+        str(workdir_lib.path(workdir, checkpointing.CONFIG_NAME)))
+  except Exception:  # pylint: disable=broad-except
+    return None  # whatever it is, loading the run reports it with context
+
+
+def enable_x64_for_run(workdir: str) -> bool:
+  """Turns on 64-bit JAX when the run in `workdir` is float64 (as main.py
+  does), so that a tool computes in the run's precision; returns whether it
+  is. Call it before any JAX array is made: the flag is process-wide."""
+  if (saved_config(workdir) or {}).get('dtype') != 'float64':
+    return False
+  if not jax.config.jax_enable_x64:
+    jax.config.update('jax_enable_x64', True)
+    logging.info("The run's dtype is 'float64': 64-bit JAX enabled.")
+  return True

@@ -329,6 +329,83 @@ def test_evaluate_model_on_a_tiny_model():
                              rtol=1e-4)
 
 
+def test_evaluate_model_runs_the_networks_one_chunk_at_a_time(monkeypatch):
+  """10 images with a chunk of 4: every network call takes at most 4 images,
+  and the reconstruction error is the mean of each chunk's own (BatchNorm
+  batch statistics per chunk), computed here by hand. Before, the default
+  batch was a literal 250, not the sampling tools' CHUNK_SIZE, so this call
+  was one batch of 10 and its error differed."""
+  import jax
+  from conftest import initial_state, tiny_config
+  from introvae_jax import sampling
+  config, state = tiny_config('conv'), initial_state('conv')
+  real = np.random.RandomState(16).rand(10, 8, 8, 3).astype(np.float32)
+  by_hand = np.concatenate([
+      evaluation.mse(real[i:i + 4], sampling.reconstruct(state, real[i:i + 4],
+                                                         config))
+      for i in (0, 4, 8)])
+  monkeypatch.setattr(sampling, 'CHUNK_SIZE', 4)
+  sizes = []
+  for name in ('encode', 'decode'):
+    def counting(state, x, *args, _fn=getattr(sampling, name), **kwargs):
+      sizes.append(len(x))
+      return _fn(state, x, *args, **kwargs)
+    monkeypatch.setattr(sampling, name, counting)
+  out = evaluation.evaluate_model(state, config, real, jax.random.PRNGKey(2))
+  monkeypatch.undo()
+  assert sizes and max(sizes) <= 4
+  np.testing.assert_allclose(out['rec_mse'], by_hand.mean(), rtol=1e-6)
+  one_batch = evaluation.mse(real, sampling.reconstruct(state, real, config))
+  assert abs(one_batch.mean() - by_hand.mean()) > 1e-4 * by_hand.mean()
+
+
+def test_memory_estimate_bounds_the_measured_peak():
+  """`memory_estimate`, which refuses evaluations that would not fit, is
+  within a small factor above the peak NumPy memory (tracemalloc) of the
+  array work it counts (SWD, features' statistics and KID) for 64 images."""
+  import tracemalloc
+  rs = np.random.RandomState(17)
+  real, fake = (rs.rand(64, 16, 16, 1).astype(np.float32) for _ in range(2))
+  f_real, f_fake = rs.randn(64, 128), rs.randn(64, 128)
+  tracemalloc.start()
+  evaluation.sliced_wasserstein_distance(real, fake)
+  evaluation.feature_metrics('digit', f_real, f_fake, 10)
+  peak = tracemalloc.get_traced_memory()[1] + real.nbytes + fake.nbytes
+  tracemalloc.stop()
+  estimate = evaluation.memory_estimate(64, 16, 1, feature_dim=128)
+  assert peak <= estimate <= 4 * peak
+
+
+def test_evaluate_workdir_refuses_too_many_images_at_once(tmp_path,
+                                                          monkeypatch):
+  """--num_images=1000000000 is refused in an instant with the memory it
+  would take (it used to load and generate until memory ran out), and so is
+  a count whose estimate exceeds the memory available."""
+  import time
+  import introvae_jax
+  from introvae_jax import sampling
+  workdir = tmp_path / 'run'  # config.json only: refused before the checkpoint
+  workdir.mkdir()
+  config = introvae_jax.base_config()
+  config.image_size, config.image_channels, config.channels = 32, 1, (4, 4, 4)
+  config.dataset = 'mnist_offline'  # the digit features: 128 per image
+  (workdir / 'config.json').write_text(config.to_json_best_effort())
+  start = time.time()
+  with pytest.raises(sampling.RequestTooLargeError, match=(
+      r'--num_images=1000000000: evaluation holds every real and generated '
+      r'image in memory .*, ~\S+ TiB of memory for 32 px images; use '
+      r'--num_images=50000 or less')):
+    evaluation.evaluate_workdir(str(workdir), num_images=10**9)
+  assert time.time() - start < 5
+  per_image = evaluation.memory_estimate(1, 32, 1, feature_dim=128)
+  monkeypatch.setattr(evaluation, 'available_memory', lambda: 10 * per_image)
+  with pytest.raises(sampling.RequestTooLargeError, match=(
+      r'--num_images=1000 needs ~\S+ MiB of memory .* more than the \S+ MiB '
+      'available; use --num_images=10 or less')):
+    evaluation.evaluate_workdir(str(workdir), num_images=1000)
+  assert os.listdir(workdir) == ['config.json']
+
+
 def test_feature_metric_names_and_cache(tmp_path):
   rs = np.random.RandomState(14)
   a, b = rs.randn(30, 3), rs.randn(30, 3) + 1
