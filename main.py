@@ -10,12 +10,11 @@ import signal
 import sys
 
 from absl import flags
-from absl import logging
-import jax
 from ml_collections import config_flags
 
 from introvae_jax import checkpointing
 from introvae_jax import cli
+from introvae_jax import configuration
 from introvae_jax import train
 
 FLAGS = flags.FLAGS
@@ -29,9 +28,8 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   del argv  # cli.run refuses extra arguments.
   checkpointing.quiet_orbax_logs()
-  if FLAGS.config.dtype == 'float64' and not jax.config.jax_enable_x64:
-    jax.config.update('jax_enable_x64', True)  # before any array is made
-    logging.info("dtype='float64': 64-bit JAX enabled.")
+  # Before any array is made.
+  configuration.enable_x64_for(FLAGS.config.dtype, "--config's dtype")
   try:
     train.train_and_evaluate(FLAGS.config, _WORKDIR.value)
   except KeyboardInterrupt:  # Ctrl-C before the first step: nothing to save.

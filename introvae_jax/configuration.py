@@ -13,6 +13,7 @@ import math
 import numbers
 from typing import Any, Optional, Tuple
 
+from absl import logging
 from etils import epath
 import jax
 import ml_collections
@@ -250,6 +251,10 @@ def base_config() -> ml_collections.ConfigDict:
   return c.lock()
 
 
+# The most images (each set) an evaluation takes: FID's usual count. SWD and
+# KID compare whole sets, so all of them are held in memory.
+MAX_EVAL_IMAGES = 50_000
+
 # What each field accepts: every field of base_config() has an entry
 # (tests/test_configuration.py checks), so none reaches the code unchecked.
 _COUNT = Int(low=1)            # sizes, widths, intervals, step counts
@@ -313,7 +318,7 @@ CONSTRAINTS = {
     'on_nonfinite': Choice(('stop', 'skip')),
     'max_consecutive_skips': _COUNT,
     'eval_every_steps': Int(low=1, special=((0, 'turn evaluation off'),)),
-    'eval_num_images': _COUNT,
+    'eval_num_images': Int(low=1, high=MAX_EVAL_IMAGES),
     'fid_weights': _PATH,
     'digit_classifier': _PATH,
     'allow_changes': FieldNames(),
@@ -458,6 +463,25 @@ def _validate_distributed(config, fail) -> None:
   if 0 < num <= pid:
     fail(f'process_id={pid} must be in [0, num_processes={num}), or -1 to '
          'detect it.')
+
+
+def enable_x64_for(dtypes, what: str) -> bool:
+  """Enables 64-bit JAX when `dtypes` (one dtype name or several) name
+  float64, as every program does for a float64 run before any array is made:
+  without it a float64 checkpoint or config gives float32 arrays without a
+  word. Returns whether 64-bit JAX is needed."""
+  dtypes = {dtypes} if isinstance(dtypes, str) else set(dtypes)
+  if 'float64' not in dtypes:
+    return False
+  if not jax.config.jax_enable_x64:
+    try:
+      jax.config.update('jax_enable_x64', True)
+    except Exception as e:  # pylint: disable=broad-except
+      raise ConfigError(
+          f'{what} is float64 but 64-bit JAX cannot be enabled here '
+          f'({type(e).__name__}: {e}); rerun with JAX_ENABLE_X64=1.') from e
+    logging.info('%s is float64: 64-bit JAX enabled.', what)
+  return True
 
 
 def check_batch_divides(global_batch: int, num_devices: int) -> int:

@@ -50,7 +50,6 @@ import re
 from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 
 from absl import flags
-from absl import logging
 from etils import epath
 import jax
 import jax.numpy as jnp
@@ -488,8 +487,8 @@ def convert_reference(torch_checkpoint: str, workdir: str, config=None):
   workdir_lib.prepare(workdir)
   path = save_train_state(workdir, state)
   # Written as the training loop writes it, so every tool opens the workdir.
-  workdir_lib.path(workdir, checkpointing.CONFIG_NAME).write_text(
-      config.to_json_best_effort(indent=2))
+  workdir_lib.write_text(workdir_lib.path(workdir, checkpointing.CONFIG_NAME),
+                         config.to_json_best_effort(indent=2))
   return state, config, path
 
 
@@ -536,21 +535,6 @@ def _stored_dtypes(workdir: str) -> set:
           jax.tree_util.tree_leaves(metadata)}
 
 
-def enable_x64_for(dtypes, what: str) -> None:
-  """Enables 64-bit JAX when `dtypes` name float64, as main.py does for a
-  float64 run: without it, a float64 checkpoint is read, and a float64
-  config builds, float32 arrays without a word."""
-  if 'float64' not in dtypes or jax.config.jax_enable_x64:
-    return
-  try:
-    jax.config.update('jax_enable_x64', True)
-  except Exception as e:  # pylint: disable=broad-except
-    raise errors.UserError(
-        f'{what} is float64 but 64-bit JAX cannot be enabled here '
-        f'({type(e).__name__}: {e}); rerun with JAX_ENABLE_X64=1.') from e
-  logging.info('%s is float64: 64-bit JAX enabled.', what)
-
-
 def main(argv):
   del argv
   f = flags.FLAGS
@@ -563,7 +547,8 @@ def main(argv):
       raise errors.UserError('--step is for export (--jax_checkpoint); an '
                              'import always writes step 0.')
     if f.config is not None:  # before any array is made, as main.py does
-      enable_x64_for({f.config.dtype}, f'--config dtype={f.config.dtype!r}')
+      configuration.enable_x64_for(f.config.dtype,
+                                   f'--config dtype={f.config.dtype!r}')
     _, config, path = convert_reference(f.torch_checkpoint, f.out, f.config)
     print(f'Wrote {path}: image_size={config.image_size} '
           f'channels={tuple(config.channels)} hdim={config.hdim} '
@@ -575,7 +560,7 @@ def main(argv):
                              'export reads the model off the checkpoint.')
     _check_export_target(f.out)
     # Before any array is made, as main.py does.
-    enable_x64_for(_stored_dtypes(f.jax_checkpoint),
+    configuration.enable_x64_for(_stored_dtypes(f.jax_checkpoint),
                    f'--jax_checkpoint={f.jax_checkpoint}')
     export_reference(f.jax_checkpoint, f.out, f.step)
     print(f'Wrote {f.out}')

@@ -45,6 +45,7 @@ from etils import epath
 import numpy as np
 from scipy import linalg
 
+from introvae_jax import configuration
 from introvae_jax import errors
 from introvae_jax.cache import cache_dir  # noqa: F401  (also evaluation.cache_dir)
 # Also evaluation.<name>, where earlier versions defined them:
@@ -328,9 +329,7 @@ def _psnr_of_mse(mse_values, data_range: float = 1.0) -> np.ndarray:
 # --------------------------------------------------------------------------
 # Memory.
 
-# The most images (each set) evaluation takes: FID's usual count. SWD and KID
-# compare whole sets, so all of them are held in memory.
-MAX_EVAL_IMAGES = 50_000
+MAX_EVAL_IMAGES = configuration.MAX_EVAL_IMAGES
 
 
 def memory_estimate(num_images: int, image_size: int, channels: int,
@@ -619,7 +618,7 @@ def evaluate_workdir(workdir: str, *, num_images: int = 1000, step=None,
       feature_extractors=extractors, real_features=real_features)
   step = int(jax.device_get(state.step))
   path = str(epath.Path(workdir) / f'eval_{step:08d}_{batch_norm}.json')
-  epath.Path(path).write_text(json.dumps(
+  workdir_lib.write_text(path, json.dumps(
       dict(metrics, step=step, num_images=len(real), batch_norm=batch_norm),
       indent=2))
   if log is not None:

@@ -15,7 +15,6 @@ import functools
 import io
 from typing import Iterator, Optional, Tuple
 
-from absl import logging
 from etils import epath
 import jax
 import jax.numpy as jnp
@@ -165,10 +164,9 @@ def png_bytes(grid: np.ndarray) -> bytes:
 
 def save_png(path: str, grid: np.ndarray) -> None:
   """Writes a uint8 [H, W, 1 or 3] array as PNG (local or gs://), creating
-  parent folders."""
-  path = epath.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_bytes(png_bytes(grid))
+  parent folders; never through a link planted at `path`."""
+  epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
+  workdir_lib.write_bytes(path, png_bytes(grid))
 
 
 def slerp(z0, z1, t):
@@ -213,9 +211,5 @@ def enable_x64_for_run(workdir: str) -> bool:
   """Turns on 64-bit JAX when the run in `workdir` is float64 (as main.py
   does), so that a tool computes in the run's precision; returns whether it
   is. Call it before any JAX array is made: the flag is process-wide."""
-  if (saved_config(workdir) or {}).get('dtype') != 'float64':
-    return False
-  if not jax.config.jax_enable_x64:
-    jax.config.update('jax_enable_x64', True)
-    logging.info("The run's dtype is 'float64': 64-bit JAX enabled.")
-  return True
+  dtype = (saved_config(workdir) or {}).get('dtype', 'float32')
+  return configuration.enable_x64_for(dtype, f'The run in {workdir}')

@@ -439,7 +439,7 @@ def _save_figure(fig, path: str, dpi: int) -> None:
   buffer = io.BytesIO()
   fig.savefig(buffer, format='png', bbox_inches='tight', dpi=dpi)
   plt.close(fig)
-  epath.Path(path).write_bytes(buffer.getvalue())
+  workdir_lib.write_bytes(path, buffer.getvalue())
 
 
 def format_table(rows) -> str:
@@ -470,11 +470,12 @@ def run(config, workdir: str, log=print) -> Dict[str, float]:
   metrics['train_seconds'] = train_s
   metrics['eval_seconds'] = time.time() - start - train_s
   paths = save_plots(arrays, config.toy.dataset, workdir)
-  epath.Path(workdir, f'{config.toy.dataset}_results.json').write_text(
-      json.dumps(dict(metrics, steps=config.num_train_steps,
-                      kl_history=kl_history(history),
-                      config=json.loads(config.to_json_best_effort())),
-                 indent=2))
+  results = dict(metrics, steps=config.num_train_steps,
+                 kl_history=kl_history(history),
+                 config=json.loads(config.to_json_best_effort()))
+  workdir_lib.write_text(
+      epath.Path(workdir, f'{config.toy.dataset}_results.json'),
+      json.dumps(results, indent=2))
   if log is not None:
     log(format_table([(config.toy.dataset, metrics)]))
     log(f'train {train_s:.0f} s, eval {metrics["eval_seconds"]:.0f} s; '

@@ -212,13 +212,13 @@ def _write_config(config, workdir, start: int, stored, changes) -> None:
     n = 1
     while kept.exists():
       kept, n = workdir_lib.path(workdir, f'config.{start}.{n}.json'), n + 1
-    kept.write_text(json.dumps(stored, indent=2))
+    workdir_lib.write_text(kept, json.dumps(stored, indent=2))
     for name, old, new in changes:
       logging.warning('Resuming at step %d with %s changed from %r to %r; '
                       'the previous config is kept as %s.', start, name, old,
                       new, kept.name)
-  workdir_lib.path(workdir, checkpointing.CONFIG_NAME).write_text(
-      config.to_json_best_effort(indent=2))
+  workdir_lib.write_text(workdir_lib.path(workdir, checkpointing.CONFIG_NAME),
+                         config.to_json_best_effort(indent=2))
 
 
 def _drop_orphaned_events(workdir, start: int) -> None:

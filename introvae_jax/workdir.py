@@ -78,6 +78,21 @@ def open_no_follow(file_path: str, flags: int) -> int:
     raise
 
 
+def write_bytes(file_path, data: bytes) -> None:
+  """Writes a whole file, local or gs://; a link or a folder planted at a
+  local `file_path` is refused (WorkdirError), never written through."""
+  if is_remote(file_path):
+    epath.Path(file_path).write_bytes(data)
+    return
+  fd = open_no_follow(str(file_path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+  with os.fdopen(fd, 'wb') as f:
+    f.write(data)
+
+
+def write_text(file_path, text: str) -> None:
+  write_bytes(file_path, text.encode())
+
+
 def prepare(workdir, process_index: int = 0) -> None:
   """Creates the workdir, checks that this process can write to it and that
   no link planted in it would take a write outside (`check_no_links`)."""
