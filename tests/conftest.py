@@ -16,7 +16,12 @@ import sys
 import tempfile
 import xml.etree.ElementTree as ET
 
-import jax
+# The suite runs on the CPU, also where a GPU or libtpu is installed (libtpu
+# would otherwise probe for TPU metadata); child processes inherit these.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
+
+import jax  # noqa: E402  (after the platform choice above)
 import numpy as np
 import pytest
 
@@ -157,7 +162,7 @@ def step_gradients(new_state):
 
 _CHILD_TAG = 'INTROVAE_TEST_CHILD'
 _CHILD_TIMEOUT_S = 900
-_registry = {}   # (module file, tag) -> [test function names]
+_selected = {}   # (module file, tag) -> [node ids this session selected]
 _results = {}    # (module file, tag) -> {test id: failure text or None}
 
 
@@ -168,12 +173,12 @@ def in_child_process():
 def in_subprocess(tag, env):
   """Decorator: run this test in a child pytest process with `env` set.
 
-  All tests of a module with the same `tag` share one child process. In the
-  parent the test reports the child's outcome (and its traceback).
+  The tests of a module with the same `tag` that this session selected
+  (`-m`, `-k`, node ids) share one child process, which runs exactly those.
+  In the parent the test reports the child's outcome (and its traceback).
   """
   def decorate(fn):
     module_file = os.path.abspath(sys.modules[fn.__module__].__file__)
-    _registry.setdefault((module_file, tag), []).append(fn.__name__)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -188,8 +193,17 @@ def in_subprocess(tag, env):
       if results[test_id] is not None:
         pytest.fail(f'[in child process, {tag}]\n{results[test_id]}',
                     pytrace=False)
+    wrapper.child_key = (module_file, tag)
     return wrapper
   return decorate
+
+
+def pytest_collection_finish(session):
+  """Records, per child process, the tests this session selected."""
+  for item in session.items:
+    key = getattr(getattr(item, 'function', None), 'child_key', None)
+    if key is not None:
+      _selected.setdefault(key, []).append(item.nodeid)
 
 
 def _run_child(module_file, tag, env):
@@ -207,9 +221,11 @@ def _run_child(module_file, tag, env):
   child_env.setdefault('JAX_PLATFORMS', 'cpu')
   with tempfile.TemporaryDirectory() as tmp:
     xml_path = os.path.join(tmp, 'report.xml')
-    node_ids = [f'{module_file}::{name}' for name in _registry[key]]
+    # -m '': the parent already selected them (its -m may have been the
+    # default one of pyproject.toml, which the child would apply again).
     cmd = [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider',
-           f'--junitxml={xml_path}', '--rootdir', REPO_ROOT] + node_ids
+           '-m', '', f'--junitxml={xml_path}', '--rootdir', REPO_ROOT
+           ] + _selected[key]
     proc = subprocess.run(cmd, env=child_env, cwd=REPO_ROOT, text=True,
                           capture_output=True, timeout=_CHILD_TIMEOUT_S)
     results = {'<output>': (proc.stdout + proc.stderr)[-6000:]}

@@ -98,6 +98,7 @@ def _cell_files(results):
                 or f.endswith('_seed1.json'))
 
 
+@pytest.mark.slow
 def test_grid_tables_figure_skip_and_refusal(tmp_path, cache_dir):
   """Two objectives x two seeds on the tiny model: each cell is a training
   run whose TensorBoard log shows its objective, the table is the per-cell

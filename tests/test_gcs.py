@@ -154,6 +154,7 @@ def _assert_run_outputs(emulator, bucket, run):
   assert emulator.read(bucket, f'{run}/images/samples_00000006.png').startswith(PNG)
 
 
+@pytest.mark.slow
 def test_every_writer_reaches_the_emulator(gcs_emulator, gcs_bucket, tmp_path):  # pylint: disable=redefined-outer-name
   """The emulator setup itself, library by library, in a child process: if
   this fails the environment is wrong; if only the end-to-end test fails,
@@ -220,6 +221,7 @@ def children():
       proc.wait()
 
 
+@pytest.mark.slow
 def test_gs_workdir_train_kill9_resume_evaluate_sample(
     gcs_emulator, gcs_bucket, tmp_path, cache_dir, children):  # pylint: disable=redefined-outer-name
   emulator, bucket = gcs_emulator, gcs_bucket

@@ -182,6 +182,7 @@ def test_indivisible_batch_is_a_clear_error_on_the_mesh():
     introvae_jax.make_train_step(tiny_config('mlp', batch_size=6))
 
 
+@pytest.mark.slow
 @MESH
 def test_program_runs_on_the_mesh_without_pmap(tmp_path, monkeypatch):
   """train_and_evaluate, its checkpoint, sample and evaluation on 4 devices,

@@ -83,6 +83,7 @@ def _load(path):
     return dict(f)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_device(tmp_path):
   _run_workers('step', str(tmp_path), str(tmp_path), env={'JAX_ENABLE_X64': '1'})
   hosts = [_load(tmp_path / f'state_{i}.npz') for i in range(PROCESSES)]
@@ -95,6 +96,7 @@ def test_two_processes_match_one_device(tmp_path):
                      what=f'state after {STEPS} steps')
 
 
+@pytest.mark.slow
 def test_two_process_training_run(tmp_path):
   workdir = tmp_path / 'run'
   _run_workers('train', str(workdir), str(tmp_path))

@@ -161,6 +161,7 @@ KILL_FLAGS = ['--config.log_every_steps=1', '--config.checkpoint_every_steps=50'
               '--config.image_every_steps=1000']
 
 
+@pytest.mark.slow
 def test_kills_and_ctrl_c_lose_nothing_and_tensorboard_has_one_value_per_step(
     tmp_path, cache_dir):
   """Was: Ctrl-C gave a KeyboardInterrupt traceback and lost the steps since
@@ -216,6 +217,7 @@ def test_kills_and_ctrl_c_lose_nothing_and_tensorboard_has_one_value_per_step(
                                     [v for _, v in values], err_msg=tag)
 
 
+@pytest.mark.slow
 def test_second_writer_is_refused_naming_the_running_one(tmp_path, cache_dir):
   """Was: a second process on the same workdir ran, and one of the two died
   on the other's temporary checkpoint folder."""

@@ -40,6 +40,7 @@ def _use_cache(cache_dir):
   del cache_dir
 
 
+@pytest.mark.slow
 def test_main_end_to_end_and_kill9_resume_is_exact(tmp_path, cache_dir):
   """Uninterrupted run vs a run killed with SIGKILL and resumed."""
   flags = ['--config.log_every_steps=1', '--config.checkpoint_every_steps=2',
@@ -81,6 +82,7 @@ def test_main_end_to_end_and_kill9_resume_is_exact(tmp_path, cache_dir):
                               err_msg=f'{tag} at step {step}')
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_complete_checkpoint(tmp_path, cache_dir):
   workdir = str(tmp_path / 'run')
   proc = subprocess.Popen(

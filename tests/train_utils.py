@@ -70,8 +70,11 @@ def scalars(workdir):
 
 
 def complete_steps(workdir):
-  return sorted(int(os.path.basename(os.path.dirname(p))) for p in glob.glob(
+  """Steps whose checkpoint is finalised (Orbax's temporary folders, which
+  can hold commit_success.txt just before their rename, are not)."""
+  names = (os.path.basename(os.path.dirname(p)) for p in glob.glob(
       os.path.join(workdir, 'checkpoints', '*', 'commit_success.txt')))
+  return sorted(int(name) for name in names if name.isdigit())
 
 
 def tiny_config(**overrides):
