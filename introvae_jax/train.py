@@ -409,9 +409,10 @@ def _train(config, workdir: str, manager) -> step_lib.TrainState:
           flush(step)  # Never save a state that is not finite.
           checkpointing.save(manager, state, force=True, config=config)
           last_good = step
-          if changes and is_host0:
+          if changes:  # every process: the wait may synchronise them
             manager.wait_until_finished()  # the new identity is on disk
-            _write_config(config, workdir, start, stored, changes)
+            if is_host0:
+              _write_config(config, workdir, start, stored, changes)
             changes = []
         if stop:
           _LAST_STOP_SIGNAL = signals.received or signal.SIGTERM
