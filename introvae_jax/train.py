@@ -221,8 +221,9 @@ def _write_config(config, workdir, start: int, stored, changes) -> None:
                          config.to_json_best_effort(indent=2))
 
 
-def _drop_orphaned_events(workdir, start: int) -> None:
-  """Removes the events of steps after `start` from the run's event files.
+def _drop_orphaned_events(workdir, start: int) -> set:
+  """Removes the events of steps after `start` from the run's event files;
+  returns the tags logged at step `start`.
 
   A run killed after its last checkpoint (step `start`) has logged steps
   that the resumed run logs again (with the same values: resuming is exact).
@@ -232,14 +233,18 @@ def _drop_orphaned_events(workdir, start: int) -> None:
   any point leaves either version, and the next resume finishes the job.
   """
   pattern = str(workdir_lib.path(workdir, 'events.out.tfevents.*'))
+  tags_at_start = set()
   for number, name in enumerate(sorted(tf.io.gfile.glob(pattern))):
     kept, dropped = [], 0
     try:
       for record in tf.data.TFRecordDataset(name).as_numpy_iterator():
-        if event_pb2.Event.FromString(record).step > start:
+        event = event_pb2.Event.FromString(record)
+        if event.step > start:
           dropped += 1
         else:
           kept.append(record)
+          if event.step == start:
+            tags_at_start.update(v.tag for v in event.summary.value)
     except tf.errors.DataLossError:  # the last record, cut by a kill
       dropped += 1
     if not dropped:
@@ -251,6 +256,7 @@ def _drop_orphaned_events(workdir, start: int) -> None:
     tf.io.gfile.rename(temporary, name, overwrite=True)
     logging.info('Dropped %d events after step %d from %s (logged after the '
                  'last checkpoint by an interrupted run).', dropped, start, name)
+  return tags_at_start
 
 
 def _write_images(writer, workdir, step, state, reals, z_fixed, config):
@@ -338,13 +344,14 @@ def _train(config, workdir: str, manager) -> step_lib.TrainState:
   else:
     logging.info('Resuming from step %d of %d.', start, config.num_train_steps)
   last_good = manager.latest_step()
+  logged_at_start = set()
   if is_host0:
     # An identity change becomes the run's record only once a checkpoint is
     # saved under it (after the first save below).
     if not changes:
       _write_config(config, workdir, start, stored, changes)
     if start:
-      _drop_orphaned_events(workdir, start)
+      logged_at_start = _drop_orphaned_events(workdir, start)
   writer = metric_writers.create_default_writer(
       str(workdir_lib.path(workdir)), just_logging=not is_host0)
 
@@ -383,10 +390,20 @@ def _train(config, workdir: str, manager) -> step_lib.TrainState:
       bar.set_postfix(loss_e=f"{mean['loss_e']:.4g}",
                       loss_g=f"{mean['loss_g']:.4g}")
 
+  def evaluate_and_write(step, signals):
+    # A stop signal abandons the evaluation, so the save follows at once;
+    # the resumed run evaluates that step again.
+    results = signals.call_interruptible(evaluate, parallel.local_copy(state))
+    if results is not None:
+      writer.write_scalars(step, results)
+
   global _LAST_STOP_SIGNAL
   _LAST_STOP_SIGNAL = None
   try:
     with _StopSignals() as signals:
+      if (evaluate and start and start % config.eval_every_steps == 0 and
+          not any(t.startswith('eval/') for t in logged_at_start)):
+        evaluate_and_write(start, signals)  # a stop signal abandoned it
       for step in range(start + 1, config.num_train_steps + 1):
         state, metrics = train_step(state, next(batches))
         history.append((step, metrics))
@@ -399,11 +416,7 @@ def _train(config, workdir: str, manager) -> step_lib.TrainState:
           _write_images(writer, workdir, step, parallel.local_copy(state),
                         reals, z_fixed, config)
         if evaluate and (step % config.eval_every_steps == 0 or last):
-          # A stop signal abandons the evaluation, so the save comes first.
-          results = signals.call_interruptible(evaluate,
-                                               parallel.local_copy(state))
-          if results is not None:
-            writer.write_scalars(step, results)
+          evaluate_and_write(step, signals)
         stop = signals.requested or manager.reached_preemption(step)
         if step % config.checkpoint_every_steps == 0 or last or stop:
           flush(step)  # Never save a state that is not finite.

@@ -370,8 +370,9 @@ def test_a_diverged_allowed_change_does_not_become_the_identity(tmp_path):
 def test_stop_signal_during_evaluation_saves_within_seconds(tmp_path,
                                                             monkeypatch):
   """SIGTERM while an in-training evaluation runs abandons the evaluation,
-  saves the step's checkpoint and returns within 10 s. Before the fix the
-  loop waited for the whole evaluation (28 s on the default recipe) first.
+  saves the step's checkpoint and returns within 10 s; the resumed run
+  evaluates that step. Before the fix the loop waited for the whole
+  evaluation (28 s on the default recipe) first.
   The stand-in evaluation is a 60 s Python loop, as the real one is many
   short device calls."""
   started = []
@@ -397,6 +398,12 @@ def test_stop_signal_during_evaluation_saves_within_seconds(tmp_path,
   assert train.last_stop_signal() == signal.SIGTERM
   assert int(state.step) == 2 and complete_steps(workdir) == [2]
   assert 'eval/never' not in scalars(workdir)
+
+  # The resumed run evaluates step 2 first (once), then goes on.
+  monkeypatch.setattr(train, '_make_evaluator', lambda config: (
+      lambda state: {'eval/step': float(state.step)}))
+  train.train_and_evaluate(config, workdir)
+  assert scalars(workdir)['eval/step'] == {2: 2.0, 4: 4.0}
 
 
 @contextlib.contextmanager
