@@ -36,11 +36,11 @@ def path(workdir, *parts) -> epath.Path:
   return epath.Path(root).joinpath(*parts)
 
 
-def _refuse_link(found: str, workdir) -> None:
+def _refuse_link(found: str) -> None:
   raise WorkdirError(
-      f'{found} is a symbolic link inside --workdir={workdir}; the program '
-      'never writes through a link in its workdir. Remove the link (the '
-      'workdir itself may be one), or use another --workdir.')
+      f'{found} is a symbolic link; the program never writes through a link '
+      'planted where it writes. Remove the link (the workdir itself may be '
+      'one), or use another --workdir or --out.')
 
 
 def check_no_links(workdir) -> None:
@@ -56,11 +56,11 @@ def check_no_links(workdir) -> None:
     return
   for entry in os.scandir(root):
     if entry.is_symlink():
-      _refuse_link(entry.path, workdir)
+      _refuse_link(entry.path)
     if entry.is_dir(follow_symlinks=False):
       for inner in os.scandir(entry.path):
         if inner.is_symlink():
-          _refuse_link(inner.path, workdir)
+          _refuse_link(inner.path)
 
 
 def open_no_follow(file_path: str, flags: int) -> int:
@@ -70,7 +70,7 @@ def open_no_follow(file_path: str, flags: int) -> int:
     return os.open(file_path, flags | os.O_NOFOLLOW, 0o644)
   except OSError as e:
     if e.errno == errno.ELOOP:
-      _refuse_link(file_path, os.path.dirname(file_path))
+      _refuse_link(file_path)
     if e.errno == errno.EISDIR:
       raise WorkdirError(
           f'{file_path} is a folder where the program keeps a file; move it '
@@ -101,10 +101,7 @@ def prepare(workdir, process_index: int = 0) -> None:
     root.mkdir(parents=True, exist_ok=True)
     check_no_links(workdir)
     probe = root / f'.write_test_{process_index}'  # hosts may share it
-    if is_remote(workdir):
-      probe.write_text('ok')
-    else:
-      os.close(open_no_follow(str(probe), os.O_WRONLY | os.O_CREAT))
+    write_bytes(probe, b'ok')
     probe.unlink()
   except OSError as e:
     if isinstance(e, WorkdirError):
