@@ -344,6 +344,30 @@ def test_identity_is_checked_from_the_checkpoint_when_config_json_is_lost(
       os.path.join(workdir, 'config.json'))['seed'] == 0
 
 
+def test_a_workdir_without_identity_records_is_checked_against_config_json(
+    tmp_path):
+  """Checkpoints written by 0.2.0 carry no config record (Orbax's
+  custom_metadata is empty): the resume is checked against config.json, as
+  0.2.0 did, and refused for a new seed; the same config resumes."""
+  workdir = str(tmp_path / 'run')
+  base = dict(checkpoint_every_steps=1, log_every_steps=1,
+              image_every_steps=100)
+  train.train_and_evaluate(tiny_config(num_train_steps=2, **base), workdir)
+  for path in glob.glob(os.path.join(workdir, 'checkpoints', '*',
+                                     '_CHECKPOINT_METADATA')):
+    with open(path) as f:
+      metadata = json.load(f)
+    assert checkpointing.CONFIG_KEY in metadata['custom_metadata']
+    metadata['custom_metadata'] = {}
+    with open(path, 'w') as f:
+      json.dump(metadata, f)
+  with pytest.raises(ValueError, match=r'seed: 0 -> 3'):
+    train.train_and_evaluate(tiny_config(num_train_steps=3, seed=3, **base),
+                             workdir)
+  train.train_and_evaluate(tiny_config(num_train_steps=3, **base), workdir)
+  assert complete_steps(workdir)[-1] == 3
+
+
 def test_a_diverged_allowed_change_does_not_become_the_identity(tmp_path):
   """A resume with --config.allow_changes=m_plus,weight_neg whose new values
   make the loss infinite stops before any checkpoint under them: config.json and the
