@@ -390,6 +390,9 @@ def read_json(path: str) -> dict:
   """The fields of a run's saved `config.json`, as stored."""
   try:
     saved = json.loads(epath.Path(path).read_text())
+  except IsADirectoryError:
+    raise ConfigError(f'{path} is a folder, not a config file; move it away '
+                      '(the checkpoints record the config too).') from None
   except (ValueError, UnicodeDecodeError) as e:
     raise ConfigError(f'{path} is not valid JSON ({e}); restore it from '
                       'config.<step>.json beside it or rewrite it.') from e

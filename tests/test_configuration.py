@@ -186,3 +186,10 @@ def test_load_json_refuses_a_bad_field_in_one_line(tmp_path, field, value,
   msg = str(e.value)
   assert msg.startswith(f'{path} holds an invalid field: {shown}'), msg
   assert '\n' not in msg and len(msg) <= 200 + len(path), msg
+
+
+def test_config_json_that_is_a_folder_is_one_line(tmp_path):
+  """Before: an IsADirectoryError traceback from the tools."""
+  (tmp_path / 'config.json').mkdir()
+  with pytest.raises(ConfigError, match='is a folder, not a config file'):
+    configuration.load_json(str(tmp_path / 'config.json'))
