@@ -28,8 +28,9 @@ from introvae_jax.models import (BatchNorm, Decoder, Encoder, MLPDecoder,
                                  channels_for, image_size_for)
 from introvae_jax.parallel import (global_batch, local_copy, make_mesh,
                                    prefetch_to_mesh, put_replicated)
-from introvae_jax.step import (AXIS_NAME, TrainState, create_train_state,
-                               draw_noise, make_optimizers, make_train_step,
-                               replicate, shard_batch, train_step, unreplicate)
+from introvae_jax.step import (AXIS_NAME, TrainState, abstract_train_state,
+                               create_train_state, draw_noise, make_optimizers,
+                               make_train_step, replicate, shard_batch,
+                               train_step, unreplicate)
 
 __version__ = '0.2.0'

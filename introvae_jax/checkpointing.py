@@ -72,8 +72,7 @@ def make_manager(workdir: str, *, max_to_keep: Optional[int] = 3,
 
 def abstract_state(config) -> step_lib.TrainState:
   """ShapeDtypeStructs of the config's TrainState (nothing is computed)."""
-  return jax.eval_shape(lambda rng: step_lib.create_train_state(config, rng),
-                        jax.random.PRNGKey(0))
+  return step_lib.abstract_train_state(config)
 
 
 def _no_space(error: BaseException) -> bool:

@@ -16,10 +16,10 @@ rows. `step.make_train_step(config, mesh=mesh)` builds the step over it.
 
 import collections
 import itertools
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional, Sequence
 
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
 from introvae_jax.configuration import check_batch_divides
@@ -27,9 +27,18 @@ from introvae_jax.configuration import check_batch_divides
 AXIS_NAME = 'batch'
 
 
-def make_mesh(num_devices: Optional[int] = None) -> Mesh:
+def make_mesh(num_devices: Optional[int] = None, *,
+              devices: Optional[Sequence] = None) -> Mesh:
   """A 1-D mesh ('batch',) over all devices of all processes (or the first
-  `num_devices` of them, single-process only)."""
+  `num_devices` of them, single-process only), or over `devices`: e.g. the
+  compile-only devices of a TPU topology
+  (`jax.experimental.topologies.get_topology_desc(...).devices`), to compile
+  the step for hardware this host does not have."""
+  if devices is not None:
+    if num_devices is not None:
+      raise ValueError('Pass num_devices or devices, not both.')
+    devices = list(devices)
+    return jax.make_mesh((len(devices),), (AXIS_NAME,), devices=devices)
   if num_devices is None:
     return jax.make_mesh((jax.device_count(),), (AXIS_NAME,))
   if jax.process_count() > 1:
@@ -40,6 +49,20 @@ def make_mesh(num_devices: Optional[int] = None) -> Mesh:
                      f'{jax.device_count()} devices.')
   return jax.make_mesh((num_devices,), (AXIS_NAME,),
                        devices=jax.devices()[:num_devices])
+
+
+def explicit_mesh(mesh: Mesh) -> Mesh:
+  """`mesh` with its 'batch' axis of Explicit type, as the mesh step needs
+  (`jax.reshard`): a `jax.sharding.Mesh` built by hand has Auto axes. The
+  same devices in the same order, so shardings on either agree."""
+  if AXIS_NAME not in mesh.axis_names:
+    raise ValueError(f'The mesh has axes {mesh.axis_names}; the train step '
+                     f"maps over an axis named '{AXIS_NAME}' (make_mesh() "
+                     'builds one).')
+  if all(t == AxisType.Explicit for t in mesh.axis_types):
+    return mesh
+  return Mesh(mesh.devices, mesh.axis_names,
+              axis_types=(AxisType.Explicit,) * len(mesh.axis_names))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -99,6 +99,27 @@ def create_train_state(config, rng, *, mesh=None) -> TrainState:
           rng.dtype, jax.dtypes.prng_key) else rng))
 
 
+def abstract_train_state(config, *, mesh=None) -> TrainState:
+  """The config's TrainState as ShapeDtypeStructs (nothing is computed); with
+  `mesh`, carrying the state's sharding there (replicated), so the mesh step
+  can be lowered and compiled without initialising anything, also for
+  devices this host does not have (`parallel.make_mesh(devices=...)`)::
+
+    state = abstract_train_state(config, mesh=mesh)
+    batch = jax.ShapeDtypeStruct((config.batch_size, *image_shape), jnp.float32,
+                                 sharding=parallel.batch_sharded(mesh))
+    compiled = make_train_step(config, mesh=mesh).lower(state, batch).compile()
+  """
+  shapes = jax.eval_shape(lambda rng: create_train_state(config, rng),
+                          jax.random.PRNGKey(0))
+  if mesh is None:
+    return shapes
+  sharding = parallel.replicated(parallel.explicit_mesh(mesh))
+  return jax.tree_util.tree_map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+      shapes)
+
+
 def _apply(module, params, stats, x):
   """One train-mode call; returns (output, updated batch_stats)."""
   out, upd = module.apply({'params': params, 'batch_stats': stats}, x,
@@ -354,7 +375,8 @@ def make_train_step(config, *, mesh=None, pmap: bool = False,
       raise ValueError('Pass either mesh or pmap=True, not both.')
     check_batch_divides(config.batch_size, jax.device_count())
     return jax.pmap(fn, axis_name=AXIS_NAME, donate_argnums=donate_argnums)
-  mesh = parallel.make_mesh() if mesh is None else mesh
+  mesh = (parallel.make_mesh() if mesh is None else
+          parallel.explicit_mesh(mesh))
   check_batch_divides(config.batch_size, mesh.size)
   # check_vma=False: pmap's semantics (the step averages over the axis itself).
   mapped = jax.shard_map(lambda state, batch, noise: fn(state, batch, noise=noise),

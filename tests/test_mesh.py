@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 
 import introvae_jax
-from conftest import (assert_trees_close, in_subprocess, jitted_step,
-                      tiny_batch, tiny_config, to_numpy)
+from conftest import (assert_trees_close, in_subprocess, initial_state,
+                      jitted_step, tiny_batch, tiny_config, to_numpy)
 from introvae_jax import checkpointing, parallel
 from test_pmap import DEVICES, FOUR_DEVICES, config_for
 import train_utils
@@ -174,6 +174,53 @@ def test_mesh_of_some_devices():
   assert parallel.make_mesh().devices.size == DEVICES
   with pytest.raises(ValueError, match='num_devices=5: this process has 4 devices'):
     parallel.make_mesh(5)
+
+
+def test_meshes_made_by_hand_or_from_devices_give_the_same_step():
+  """make_mesh(devices=...) (e.g. a TPU topology's compile-only devices) and
+  a hand-made jax.sharding.Mesh, whose axes are Auto where the step's
+  jax.reshard needs Explicit ones, give the same step as make_mesh();
+  before, the Auto mesh failed inside jax.reshard. A mesh without the
+  'batch' axis is refused naming it."""
+  config = tiny_config('mlp')
+  x = tiny_batch(config)
+  results = []
+  for mesh in (parallel.make_mesh(), parallel.make_mesh(devices=jax.devices()),
+               jax.sharding.Mesh(np.array(jax.devices()), ('batch',))):
+    state = parallel.put_replicated(initial_state('mlp'),
+                                    parallel.explicit_mesh(mesh))
+    results.append(to_numpy(introvae_jax.make_train_step(
+        config, mesh=mesh, donate=False)(state, x)))
+  for other in results[1:]:
+    jax.tree_util.tree_map(np.testing.assert_array_equal, other, results[0])
+  with pytest.raises(ValueError, match="an axis named 'batch'"):
+    introvae_jax.make_train_step(
+        config, mesh=jax.sharding.Mesh(np.array(jax.devices()), ('data',)))
+
+
+def test_abstract_state_compiles_the_step_without_initialising():
+  """abstract_train_state(config, mesh=...) has the real state's shapes,
+  dtypes and the mesh's replicated sharding, built without running the
+  initialisation; the step lowered and compiled from it ahead of time is the
+  step the program runs (same numbers as the jitted mesh step)."""
+  config = tiny_config('conv')
+  mesh = parallel.make_mesh()
+  abstract = introvae_jax.abstract_train_state(config, mesh=mesh)
+  real = introvae_jax.create_train_state(config, jax.random.PRNGKey(0),
+                                         mesh=mesh)
+  for a, r in zip(jax.tree_util.tree_leaves(abstract),
+                  jax.tree_util.tree_leaves(real)):
+    assert (a.shape, a.dtype) == (r.shape, r.dtype)
+    assert a.sharding == parallel.replicated(mesh) == r.sharding
+  x = tiny_batch(config)
+  batch = jax.ShapeDtypeStruct(x.shape, x.dtype,
+                               sharding=parallel.batch_sharded(mesh))
+  step = introvae_jax.make_train_step(config, mesh=mesh, donate=False)
+  compiled = step.lower(abstract, batch).compile()
+  assert compiled.memory_analysis() is not None
+  got = compiled(real, parallel.global_batch(x, mesh))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, to_numpy(got),
+                         to_numpy(step(real, x)))
 
 
 @MESH
