@@ -197,12 +197,17 @@ def interpolate(state, x0, x1, config, num: int = 8, kind: str = 'linear',
 
 
 def saved_config(workdir: str) -> Optional[dict]:
-  """The fields of the run's config.json, or None when it cannot be read (a
-  tool's loading of the run then says why). Cheap: no checkpoint is read."""
+  """The fields of the run's config.json (or, when it is lost, the config
+  recorded with its newest checkpoint), or None when neither can be read (a
+  tool's loading of the run then says why). Cheap: no array is read."""
   from introvae_jax import checkpointing  # pylint: disable=g-import-not-at-top
   try:
-    return configuration.read_json(
-        str(workdir_lib.path(workdir, checkpointing.CONFIG_NAME)))
+    path = workdir_lib.path(workdir, checkpointing.CONFIG_NAME)
+    if path.exists():
+      return configuration.read_json(str(path))
+    record = checkpointing.stored_config(checkpointing.make_manager(
+        workdir, max_to_keep=None, read_only=True))
+    return None if record is None else record[1]
   except Exception:  # pylint: disable=broad-except
     return None  # whatever it is, loading the run reports it with context
 

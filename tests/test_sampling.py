@@ -35,7 +35,7 @@ def _make_workdir(path, config, seed=0):
     f.write(config.to_json_best_effort(indent=2))
   state = create_train_state(config, jax.random.PRNGKey(seed))
   manager = checkpointing.make_manager(path)
-  checkpointing.save(manager, state, force=True)
+  checkpointing.save(manager, state, force=True, config=config)
   manager.wait_until_finished()
   return state
 
@@ -272,4 +272,11 @@ def test_tools_compute_a_float64_run_in_float64(tmp_path):
   assert fakes.dtype == np.float64
   np.testing.assert_array_equal(
       _png(os.path.join(tmp_path, 'out', 'samples.png')),
+      sampling.image_grid(fakes))
+  # With config.json lost, the config recorded with the checkpoint serves,
+  # for the precision too.
+  os.remove(os.path.join(workdir, 'config.json'))
+  cli('introvae_jax.sample', '--num=4', f'--out={tmp_path}/again')
+  np.testing.assert_array_equal(
+      _png(os.path.join(tmp_path, 'again', 'samples.png')),
       sampling.image_grid(fakes))
