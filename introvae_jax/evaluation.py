@@ -633,9 +633,11 @@ def evaluate_workdir(workdir: str, *, num_images: int = 1000, step=None,
 
 def main(argv):
   from absl import flags
+  from introvae_jax import checkpointing
   from introvae_jax import sampling
   del argv
   f = flags.FLAGS
+  checkpointing.quiet_orbax_logs()
   sampling.enable_x64_for_run(f.workdir)  # before any array is made
   evaluate_workdir(f.workdir, num_images=f.num_images, step=f.step,
                    seed=f.seed, batch_norm=f.batch_norm,

@@ -205,6 +205,8 @@ def saved_config(workdir: str) -> Optional[dict]:
     path = workdir_lib.path(workdir, checkpointing.CONFIG_NAME)
     if path.exists():
       return configuration.read_json(str(path))
+    if not checkpointing.checkpoint_dir(workdir).exists():
+      return None
     record = checkpointing.stored_config(checkpointing.make_manager(
         workdir, max_to_keep=None, read_only=True))
     return None if record is None else record[1]
