@@ -1,0 +1,118 @@
+"""introvae_jax.plan: chip peaks, memory-line arithmetic, analytic FLOPs, and
+(slow, with libtpu) the real step compiled for a TPU topology on this host."""
+
+import importlib.util
+import time
+
+import jax
+import pytest
+
+from conftest import tiny_config
+from introvae_jax import plan
+from introvae_jax.errors import UserError
+
+GIB = 1024 ** 3
+
+
+def test_chip_table_has_the_published_peaks():
+  # cloud.google.com/tpu/docs: v4, v5e, v5p, v6e system architecture tables.
+  expected = {'v4': (32, 1228, 275), 'v5e': (16, 819, 197),
+              'v5p': (95, 2765, 459), 'v6e': (32, 1640, 918)}
+  got = {k: (c.hbm_gib, c.hbm_gbps, c.bf16_tflops)
+         for k, c in plan.CHIPS.items()}
+  assert got == expected
+  assert plan.chip_for('v5e:2x2') is plan.CHIPS['v5e']
+  assert plan.chip_for('v4:2x2x1') is plan.CHIPS['v4']
+  with pytest.raises(UserError, match='unknown chip'):
+    plan.chip_for('v9x:2x2')
+
+
+def test_memory_line_through_two_points():
+  a, b = plan.fit_line([(1, 3 * GIB), (3, 7 * GIB)])
+  assert (a, b) == (1 * GIB, 2 * GIB)
+  assert plan.largest_batch(a, b, 16 * GIB) == 7      # 1 + 2*7 = 15 <= 16
+  assert plan.largest_batch(a, b, 15 * GIB) == 7      # exactly full fits
+  assert plan.largest_batch(a, b, 0.5 * GIB) == 0
+  with pytest.raises(ValueError):
+    plan.fit_line([(2, 1.0), (2, 2.0)])
+
+
+def test_analytic_flops_of_a_one_level_model_by_hand():
+  c = tiny_config()              # 8 px, channels (4,), hdim 4, RGB
+  # Encoder: conv_in 5x5 3->4 at 8x8; block 4->4 (two 3x3) at 4x4; fc 64->8.
+  enc = 2 * 64 * 3 * 4 * 25 + 2 * (2 * 16 * 4 * 4 * 9) + 2 * 64 * 8
+  # Decoder: fc 4->64; blocks 4->4 at 4x4 and 8x8; conv_out 5x5 4->3 at 8x8.
+  dec = (2 * 4 * 64 + 2 * (2 * 16 * 4 * 4 * 9) + 2 * (2 * 64 * 4 * 4 * 9)
+         + 2 * 64 * 4 * 3 * 25)
+  assert (enc, dec) == (48640, 84992)
+  assert plan.forward_flops(c) == (enc, dec)
+  # 13 encoder and 8 decoder forward-equivalents per example (plan.py).
+  assert plan.analytic_flops(c, 4) == 4 * (13 * enc + 8 * dec)
+  # Without the taps on 'SAME' padding: per axis, a 5-tap kernel over 8
+  # pixels lands 3+4+5*4+4+3 = 34 times inside; a 3-tap one over 4 pixels
+  # 2+3+3+2 = 10, over 8 pixels 2+3*6+2 = 22.
+  enc_x = 2 * 34**2 * 3 * 4 + 2 * (2 * 10**2 * 4 * 4) + 2 * 64 * 8
+  dec_x = (2 * 4 * 64 + 2 * (2 * 10**2 * 4 * 4) + 2 * (2 * 22**2 * 4 * 4)
+           + 2 * 34**2 * 4 * 3)
+  assert plan.forward_flops(c, exact_taps=True) == (enc_x, dec_x)
+
+
+def test_oom_is_one_line_with_the_numbers_and_the_fix():
+  text = ('RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of '
+          'memory in memory space hbm. Used 15.91G of 15.75G hbm. Exceeded '
+          'hbm capacity by 164.5M.\n\nTotal hbm usage >= 16.16G: ...')
+  line = plan.oom_line(text, 'v5e:2x2', 3)
+  assert '\n' not in line
+  assert '15.91G of 15.75G HBM' in line and '3 images per device' in line
+  assert 'remat' in line and 'batch_size' in line and 'bfloat16' in line
+
+
+def _has_libtpu():
+  return importlib.util.find_spec('libtpu') is not None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _has_libtpu(), reason='libtpu is not installed '
+                    "(pip install 'libtpu==0.0.42.*') : it compiles for TPU "
+                    'topologies on this CPU host')
+def test_step_compiled_for_a_tpu_topology_matches_independent_counts():
+  # 128 channels: TPU tiles are 128 lanes wide, so the state is not inflated
+  # by lane padding (16 channels inflate it 7x); hdim 64 makes the encoder's
+  # fc 2*hdim = 128 wide. BatchNorm, both networks and donation are in it.
+  c = tiny_config(channels=(128,), hdim=64, batch_size=4)
+  t0 = time.time()
+  compiled = plan.compile_step(c, 'v5e:2x2')     # 1 image per chip
+  seconds = time.time() - t0
+  m = compiled.memory_analysis()
+  # Independent count, by hand from the layer shapes (C = 128, hdim 64):
+  C, conv3, bn = 128, 3 * 3 * 128 * 128, 2 * 128
+  enc = (5 * 5 * 3 * C + bn                  # conv_in, bn_in
+         + 2 * conv3 + 2 * bn                # block_1 at 4x4
+         + 4 * 4 * C * 128 + 128)            # fc -> 2 * hdim
+  dec = (64 * 16 * C + 16 * C                # fc
+         + 2 * (2 * conv3 + 2 * bn)          # block_0, block_1
+         + 5 * 5 * C * 3 + 3)                # conv_out
+  stats = 7 * 2 * C                          # 7 BatchNorms' mean and var
+  # State: params + Adam mu, nu + BN stats in float32; step, two counters,
+  # the rng key (2 x uint32) and two Adam counts are scalars.
+  expected = 4 * (3 * (enc + dec) + stats) + 4 * (1 + 1 + 2 + 2)
+  # The donated state is aliased to the new state: its bytes on the chip,
+  # tile padding included (tiny leaves take at least 512 bytes).
+  ratio = m.alias_size_in_bytes / expected
+  print(f'compile {seconds:.1f} s; state {m.alias_size_in_bytes} B vs '
+        f'{expected} B by hand ({ratio:.4f}); peak '
+        f'{plan.peak_bytes(compiled)} B')
+  assert expected == plan.state_bytes(c)
+  assert 1.0 <= ratio <= 1.02       # measured 1.005
+  flops = plan.xla_flops(compiled)
+  model = plan.analytic_flops(c, 1)
+  exact = plan.analytic_flops(c, 1, exact_taps=True)
+  print(f'XLA FLOPs {flops:.4g}; analytic {model:.4g} (ratio '
+        f'{flops / model:.3f}), without padding taps {exact:.4g} (ratio '
+        f'{flops / exact:.3f})')
+  # XLA counts the taps inside the image only, and the 13 + 8 passes of
+  # plan.py (measured 0.986: the elementwise work it also counts is smaller
+  # than the first layers' input gradients the analytic count includes).
+  assert 0.95 <= flops / exact <= 1.05
+  # At 8 px, a third of the 3x3 taps at 4x4 fall on padding (measured 0.772).
+  assert 0.7 <= flops / model <= 0.85
