@@ -305,24 +305,32 @@ def latest_state(workdir: str, config, step: Optional[int] = None, *,
   return state
 
 
-def load_run(workdir: str, step: Optional[int] = None, *, mesh=None):
-  """(config, state) of a training run: its config.json (or, when that is
-  lost, the config recorded with its newest checkpoint) and a checkpoint
-  (replicated on `mesh` when given)."""
+def recorded_config(workdir: str) -> Optional[tuple]:
+  """(where, config fields) of a run: its config.json, or when that is lost
+  the config recorded with its newest checkpoint; None when it has neither.
+  Reads no array; an unreadable config.json raises ConfigError."""
   config_path = workdir_lib.path(workdir, CONFIG_NAME)
   if config_path.exists():
-    config = configuration.load_json(str(config_path))
-  else:
-    record = (stored_config(make_manager(workdir, max_to_keep=None,
-                                         read_only=True))
-              if checkpoint_dir(workdir).exists() else None)
-    if record is None:
-      what = ('does not exist' if not workdir_lib.path(workdir).exists()
-              else f'has no {CONFIG_NAME}')
-      raise WorkdirError(
-          f'--workdir={workdir} {what}: pass the folder that '
-          '`python main.py --workdir=...` or `python -m introvae_jax.convert` '
-          'wrote.')
-    config = configuration.from_record(
-        record[1], f'the config recorded with checkpoint {record[0]}')
+    return str(config_path), configuration.read_json(str(config_path))
+  if not checkpoint_dir(workdir).exists():
+    return None
+  record = stored_config(make_manager(workdir, max_to_keep=None,
+                                      read_only=True))
+  if record is None:
+    return None
+  return f'the config recorded with checkpoint {record[0]}', record[1]
+
+
+def load_run(workdir: str, step: Optional[int] = None, *, mesh=None):
+  """(config, state) of a training run: its config (`recorded_config`) and a
+  checkpoint (replicated on `mesh` when given)."""
+  found = recorded_config(workdir)
+  if found is None:
+    what = ('does not exist' if not workdir_lib.path(workdir).exists()
+            else f'has no {CONFIG_NAME}')
+    raise WorkdirError(
+        f'--workdir={workdir} {what}: pass the folder that '
+        '`python main.py --workdir=...` or `python -m introvae_jax.convert` '
+        'wrote.')
+  config = configuration.from_record(found[1], found[0])
   return config, latest_state(workdir, config, step, mesh=mesh)

@@ -202,14 +202,8 @@ def saved_config(workdir: str) -> Optional[dict]:
   tool's loading of the run then says why). Cheap: no array is read."""
   from introvae_jax import checkpointing  # pylint: disable=g-import-not-at-top
   try:
-    path = workdir_lib.path(workdir, checkpointing.CONFIG_NAME)
-    if path.exists():
-      return configuration.read_json(str(path))
-    if not checkpointing.checkpoint_dir(workdir).exists():
-      return None
-    record = checkpointing.stored_config(checkpointing.make_manager(
-        workdir, max_to_keep=None, read_only=True))
-    return None if record is None else record[1]
+    found = checkpointing.recorded_config(workdir)
+    return None if found is None else found[1]
   except Exception:  # pylint: disable=broad-except
     return None  # whatever it is, loading the run reports it with context
 
