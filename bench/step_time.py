@@ -13,9 +13,11 @@ peak RSS, e.g.
   python bench/step_time.py --image_size=1024 --batch_size=1 --num_steps=0 \
       --config.remat=True      # compile only: XLA's planned memory
 
-It also prints XLA's cost analysis (FLOPs per step, achieved FLOP/s), an
-analytic model-FLOPs estimate, and XLA's planned buffer memory, so efficiency
-against the hardware's peak can be read off.
+It also prints XLA's cost analysis (FLOPs per step, achieved FLOP/s), the
+model's FLOPs (`hardware.analytic_flops`, the reference iteration's count
+from the layer shapes) and XLA's planned buffer memory; on a GPU or TPU in
+`hardware.CHIPS` it prints the MFU: model FLOPs per second over the chip's
+peak for the run's arithmetic (bfloat16, or float32 at `config.precision`).
 
 Without --config the schema defaults (`introvae_jax.base_config()`) are used;
 --image_size also sets the reference channel widths for that size.
@@ -36,6 +38,7 @@ from ml_collections import config_flags
 # Runs from a checkout too (`python bench/step_time.py`), not only installed.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import introvae_jax  # pylint: disable=g-import-not-at-top
+from introvae_jax import hardware  # pylint: disable=g-import-not-at-top
 from introvae_jax import models  # pylint: disable=g-import-not-at-top
 import xla_cost  # pylint: disable=g-import-not-at-top  (bench/, beside this file)
 
@@ -135,15 +138,19 @@ def main(argv):
   print(f'config        arch={config.arch} image_size={config.image_size} '
         f'channels={tuple(config.channels)} hdim={config.hdim} '
         f'batch_size={config.batch_size} mode={config.mode} '
-        f'dtype={config.dtype} conv_impl={config.conv_impl} remat={config.remat}')
+        f'dtype={config.dtype} precision={config.precision} '
+        f'conv_impl={config.conv_impl} remat={config.remat}')
   print(f'parameters    encoder {count_params(state.params_e):,}  '
         f'decoder {count_params(state.params_g):,}')
-  est = (xla_cost.model_flops(config, config.batch_size)
-         if config.arch == 'conv' else None)
-  if est:
-    print(f'model FLOPs   {est["step"] / 1e9:.1f} GFLOP/step (7 decoder + 13 '
-          f'encoder forwards of {est["decoder_forward"] / 1e9:.2f} / '
-          f'{est["encoder_forward"] / 1e9:.2f} GFLOP)')
+  n_dev = jax.device_count()
+  model = hardware.analytic_flops(config, config.batch_size)
+  chip = hardware.chip_key(jax.devices()[0].device_kind)
+  if model:
+    enc, dec = hardware.forward_flops(config)
+    print(f'model FLOPs   {model / 1e9:.1f} GFLOP/step ('
+          f'{hardware.ENCODER_PASSES} encoder + {hardware.DECODER_PASSES} '
+          f'decoder forwards of {enc / 1e9:.3f} / {dec / 1e9:.3f} GFLOP per '
+          'image)')
   rates = {}
   for engine in _ENGINES.value:
     compiled, compile_s, times, metrics = time_engine(engine, config, state,
@@ -160,8 +167,12 @@ def main(argv):
       print(f'[{engine}] step median {median * 1e3:.1f} ms over {len(times)} '
             f'steps (min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f}): '
             f'{1 / median:.2f} steps/s, {config.batch_size / median:.1f} '
-            f'images/s' + (f', {est["step"] / median / 1e9:.1f} GFLOP/s (model)'
-                           if est else ''))
+            f'images/s' + (f', {model / median / 1e9:.1f} GFLOP/s (model)'
+                           if model else ''))
+      if model and chip:
+        print(f'[{engine}] MFU {100 * hardware.mfu(config, config.batch_size // n_dev, median, chip):.1f}% '
+              f'of {hardware.peak_flops(chip, config.dtype, config.precision) / 1e12:.1f} '
+              f'TFLOP/s per {chip} ({config.dtype}, precision {config.precision})')
       print(f'[{engine}] last loss_e {float(np.mean(metrics["loss_e"])):.4f}  '
             f'loss_g {float(np.mean(metrics["loss_g"])):.4f}')
   if 'mesh' in rates and 'pmap' in rates:

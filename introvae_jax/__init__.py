@@ -17,7 +17,9 @@ The modules, by concern (imports run downwards only):
 - evaluation: `evaluation` (SWD, FID/KID, reconstruction, the CLI),
   `inception`, `digit_classifier`, `sampling`, `files`;
 - PyTorch interop: `torch_reference` (the authors' model, for parity tests),
-  `convert` (their checkpoints to ours).
+  `convert` (their checkpoints to ours);
+- hardware: `hardware` (chip peaks, model FLOPs, MFU), `plan` (the step
+  compiled for a TPU topology on any host: memory, roofline, fit).
 """
 
 from introvae_jax.configuration import base_config, check_batch_divides, validate

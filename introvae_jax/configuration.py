@@ -23,6 +23,7 @@ from introvae_jax.errors import ConfigError
 MODES = ('reference', 'fused')
 ARCHS = ('conv', 'mlp')
 DTYPES = ('float32', 'bfloat16', 'float64')  # bfloat16: mixed precision.
+PRECISIONS = ('highest', 'high', 'default')  # jax.lax.Precision, by name.
 
 
 # --------------------------------------------------------------------------
@@ -188,6 +189,9 @@ def base_config() -> ml_collections.ConfigDict:
                                 # state, BN statistics and losses stay float32).
   c.conv_impl = 'xla'           # 'xla' (every backend) or 'im2col' (a CPU lever).
   c.remat = False               # recompute block activations in the backward.
+  c.precision = 'highest'       # float32 matmuls/convs: 'highest' (exact on
+                                # every backend), 'high' or 'default' (TPU:
+                                # 3 or 1 bfloat16 passes; GPU: TF32 allowed).
   c.data_dim = 2                # mlp only
   c.mlp_hidden = (256, 256, 256)
 
@@ -278,6 +282,7 @@ CONSTRAINTS = {
     'dtype': Choice(DTYPES),
     'conv_impl': Choice(('xla', 'im2col')),
     'remat': Bool(),
+    'precision': Choice(PRECISIONS),
     'data_dim': _COUNT,
     'mlp_hidden': PositiveInts(),
     'mode': Choice(MODES),
@@ -346,7 +351,7 @@ FREE_ON_RESUME = frozenset({
     'checkpoint_every_steps', 'max_to_keep', 'num_image_samples',
     'on_nonfinite', 'max_consecutive_skips', 'on_corrupt_image',
     'eval_every_steps', 'eval_num_images',
-    'fid_weights', 'digit_classifier', 'conv_impl', 'remat', 'distributed',
+    'fid_weights', 'digit_classifier', 'conv_impl', 'remat', 'precision', 'distributed',
     'coordinator_address', 'num_processes', 'process_id', 'allow_changes',
 })
 

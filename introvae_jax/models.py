@@ -117,26 +117,30 @@ class Conv(nn.Module):
   use_bias: bool = False
   impl: str = 'xla'
   dtype: Any = jnp.float32
+  precision: Any = None
 
   @nn.compact
   def __call__(self, x):
     k = self.kernel_size
+    pr = self.precision
     kernel = self.param('kernel', nn.initializers.lecun_normal(),
                         (k, k, x.shape[-1], self.features), _float(self.dtype))
     x = x.astype(self.dtype)
     kernel = kernel.astype(self.dtype)
     if k == 1:
-      y = jnp.einsum('bhwc,cf->bhwf', x, kernel[0, 0])
+      y = jnp.einsum('bhwc,cf->bhwf', x, kernel[0, 0], precision=pr)
     elif self.impl == 'im2col':
       p = k // 2
       h, w = x.shape[1], x.shape[2]
       xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
       cols = jnp.concatenate([xp[:, dy:dy + h, dx:dx + w, :]
                               for dy in range(k) for dx in range(k)], axis=-1)
-      y = jnp.einsum('bhwk,kf->bhwf', cols, kernel.reshape(-1, self.features))
+      y = jnp.einsum('bhwk,kf->bhwf', cols, kernel.reshape(-1, self.features),
+                     precision=pr)
     else:
       y = jax.lax.conv_general_dilated(
-          x, kernel, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+          x, kernel, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+          precision=pr)
     if self.use_bias:
       bias = self.param('bias', nn.initializers.zeros, (self.features,), _float(self.dtype))
       y = y + bias.astype(self.dtype)
@@ -150,11 +154,12 @@ class ResidualBlock(nn.Module):
   bn_axis_name: Optional[str] = None
   conv_impl: str = 'xla'
   dtype: Any = jnp.float32
+  precision: Any = None
 
   @nn.compact
   def __call__(self, x, train: bool = True):
     conv = lambda f, k, name: Conv(f, k, False, self.conv_impl, self.dtype,
-                                   name=name)
+                                   self.precision, name=name)
     bn = lambda name: BatchNorm(axis_name=self.bn_axis_name, dtype=self.dtype,
                                 name=name)
     skip = conv(self.features, 1, 'conv_expand')(x) if self.skip_conv else x
@@ -179,6 +184,7 @@ class Encoder(nn.Module):
   conv_impl: str = 'xla'
   dtype: Any = jnp.float32
   remat: bool = False
+  precision: Any = None
 
   @nn.compact
   def __call__(self, x, train: bool = True):
@@ -187,8 +193,9 @@ class Encoder(nn.Module):
       raise ValueError(f'Encoder with channels={chans} expects '
                        f'{image_size_for(chans)}px square images, got {x.shape}.')
     block = lambda f, skip, name: _block(self.remat)(
-        f, skip, self.bn_axis_name, self.conv_impl, self.dtype, name=name)
-    h = Conv(chans[0], 5, False, self.conv_impl, self.dtype,
+        f, skip, self.bn_axis_name, self.conv_impl, self.dtype,
+        self.precision, name=name)
+    h = Conv(chans[0], 5, False, self.conv_impl, self.dtype, self.precision,
              name='conv_in')(x)
     h = BatchNorm(axis_name=self.bn_axis_name, dtype=self.dtype,
                   name='bn_in')(h, not train)
@@ -199,7 +206,9 @@ class Encoder(nn.Module):
       h = nn.avg_pool(h, (2, 2), (2, 2))
     h = block(chans[-1], False, f'block_{len(chans)}')(h, train)
     h = h.reshape((h.shape[0], -1))
-    out = nn.Dense(2 * self.hdim, dtype=self.dtype, param_dtype=_float(self.dtype), name='fc')(h)
+    out = nn.Dense(2 * self.hdim, dtype=self.dtype,
+                   param_dtype=_float(self.dtype), precision=self.precision,
+                   name='fc')(h)
     mu, logvar = jnp.split(out.astype(_float(self.dtype)), 2, axis=-1)
     return mu, logvar
 
@@ -214,13 +223,17 @@ class Decoder(nn.Module):
   conv_impl: str = 'xla'
   dtype: Any = jnp.float32
   remat: bool = False
+  precision: Any = None
 
   @nn.compact
   def __call__(self, z, train: bool = True):
     chans = tuple(self.channels)
     block = lambda f, skip, name: _block(self.remat)(
-        f, skip, self.bn_axis_name, self.conv_impl, self.dtype, name=name)
-    h = nn.Dense(chans[-1] * 16, dtype=self.dtype, param_dtype=_float(self.dtype), name='fc')(z.astype(self.dtype))
+        f, skip, self.bn_axis_name, self.conv_impl, self.dtype,
+        self.precision, name=name)
+    h = nn.Dense(chans[-1] * 16, dtype=self.dtype,
+                 param_dtype=_float(self.dtype), precision=self.precision,
+                 name='fc')(z.astype(self.dtype))
     h = nn.relu(h).reshape((z.shape[0], 4, 4, chans[-1]))
     # The reference walks the list backwards; its first block pairs the last
     # entry with itself (one list entry), later ones pair two adjacent entries.
@@ -232,8 +245,14 @@ class Decoder(nn.Module):
       prev = i
     h = block(chans[0], False, f'block_{len(chans)}')(h, train)
     out = Conv(self.image_channels, 5, True, self.conv_impl, self.dtype,
-               name='conv_out')(h)
+               self.precision, name='conv_out')(h)
     return out.astype(_float(self.dtype))
+
+
+def _dense(features: int, owner: nn.Module, name: str) -> nn.Dense:
+  """A Dense layer in `owner`'s dtype and precision (float parameters)."""
+  return nn.Dense(features, dtype=owner.dtype, param_dtype=_float(owner.dtype),
+                  precision=owner.precision, name=name)
 
 
 class MLPEncoder(nn.Module):
@@ -241,14 +260,15 @@ class MLPEncoder(nn.Module):
   zdim: int = 2
   hidden: Sequence[int] = (256, 256, 256)
   dtype: Any = jnp.float32
+  precision: Any = None
 
   @nn.compact
   def __call__(self, x, train: bool = True):
     del train  # No BatchNorm; kept for a uniform interface.
     h = x.astype(self.dtype)
     for i, width in enumerate(self.hidden):
-      h = nn.relu(nn.Dense(width, dtype=self.dtype, param_dtype=_float(self.dtype), name=f'fc_{i}')(h))
-    out = nn.Dense(2 * self.zdim, dtype=self.dtype, param_dtype=_float(self.dtype), name='fc_out')(h)
+      h = nn.relu(_dense(width, self, f'fc_{i}')(h))
+    out = _dense(2 * self.zdim, self, 'fc_out')(h)
     mu, logvar = jnp.split(out.astype(_float(self.dtype)), 2, axis=-1)
     return mu, logvar
 
@@ -258,30 +278,31 @@ class MLPDecoder(nn.Module):
   data_dim: int = 2
   hidden: Sequence[int] = (256, 256, 256)
   dtype: Any = jnp.float32
+  precision: Any = None
 
   @nn.compact
   def __call__(self, z, train: bool = True):
     del train
     h = z.astype(self.dtype)
     for i, width in enumerate(reversed(tuple(self.hidden))):
-      h = nn.relu(nn.Dense(width, dtype=self.dtype, param_dtype=_float(self.dtype), name=f'fc_{i}')(h))
-    return nn.Dense(self.data_dim, dtype=self.dtype, param_dtype=_float(self.dtype),
-                    name='fc_out')(h).astype(_float(self.dtype))
+      h = nn.relu(_dense(width, self, f'fc_{i}')(h))
+    return _dense(self.data_dim, self, 'fc_out')(h).astype(_float(self.dtype))
 
 
 def build_models(config, bn_axis_name: Optional[str] = None):
   """(encoder, decoder) modules described by the model fields of `config`."""
   m = config
   dtype = jnp.dtype(m.dtype)
+  precision = jax.lax.Precision[m.precision.upper()]
   if m.arch == 'mlp':
-    return (MLPEncoder(m.hdim, tuple(m.mlp_hidden), dtype),
-            MLPDecoder(m.data_dim, tuple(m.mlp_hidden), dtype))
+    return (MLPEncoder(m.hdim, tuple(m.mlp_hidden), dtype, precision),
+            MLPDecoder(m.data_dim, tuple(m.mlp_hidden), dtype, precision))
   if m.arch != 'conv':
     raise ValueError(f"config.arch must be 'conv' or 'mlp', got {m.arch!r}.")
   kw = dict(channels=tuple(m.channels), hdim=m.hdim,
             reference_layout=m.reference_layout, bn_axis_name=bn_axis_name,
-            conv_impl=m.conv_impl, dtype=dtype,
-            remat=m.remat)
+            conv_impl=m.conv_impl, dtype=dtype, remat=m.remat,
+            precision=precision)
   return Encoder(**kw), Decoder(image_channels=m.image_channels, **kw)
 
 

@@ -8,7 +8,10 @@ under `<workdir>/checkpoints/`. SIGTERM (preemption) saves and returns.
 The engine is the mesh of `parallel`: the state lives as global arrays
 replicated on a mesh of every device, each global batch is sharded over it
 and placed on the devices while the step before it runs, and the step is
-`step.make_train_step(config, mesh=mesh)` (jit + shard_map). Multi-process
+`step.make_train_step(config, mesh=mesh)` (jit + shard_map), compiled once
+before the first batch (`compile_step`: on an accelerator its memory plan is
+logged, and an out-of-memory is one line with the fix); on a TPU or GPU the
+logged metrics include `mfu`, the model FLOPs utilisation. Multi-process
 runs (`config.distributed`) run it in every process, each feeding its share
 of the global batch; only process 0 writes `config.json`, events, images and
 evaluations, and every process takes part in each checkpoint (Orbax writes
@@ -20,6 +23,7 @@ import json
 import os
 import signal
 import sys
+import time
 from typing import Dict, List, Tuple
 
 from absl import logging
@@ -35,8 +39,10 @@ import tqdm
 from introvae_jax import checkpointing
 from introvae_jax import configuration
 from introvae_jax import evaluation
+from introvae_jax import hardware
 from introvae_jax import input_pipeline
 from introvae_jax import parallel
+from introvae_jax import plan
 from introvae_jax import sampling
 from introvae_jax import step as step_lib
 from introvae_jax import workdir as workdir_lib
@@ -322,6 +328,41 @@ def _check_weight_files(config) -> None:
           f'or --config.{field}= to skip those metrics.')
 
 
+def compile_step(config, mesh, state):
+  """The mesh train step for `state` and the config's global batch, compiled
+  once (the loop runs this executable). On an accelerator, XLA's memory plan
+  is logged against the device's memory; an HBM out-of-memory at compile
+  (TPU) is one `UserError` line with the numbers and the fix."""
+  device = mesh.devices.flat[0]
+  per = check_batch_divides(config.batch_size, mesh.size)
+  t0 = time.time()
+  lowered = step_lib.make_train_step(config, mesh=mesh).lower(
+      state, plan.abstract_batch(config, mesh))
+  compiled = plan.compile_checked(lowered, device.device_kind, per)
+  if device.platform != 'cpu':
+    peak = plan.peak_bytes(compiled)
+    stats = device.memory_stats() or {}
+    key = hardware.chip_key(device.device_kind)
+    limit = stats.get('bytes_limit') or (
+        hardware.CHIPS[key].hbm_gib * plan.GIB if key else None)
+    share = f' of {limit / plan.GIB:.2f} GiB ({100 * peak / limit:.1f}%)' \
+        if limit else ''
+    logging.info('Train step compiled for %s in %.1f s: %d images per '
+                 'device, peak %.2f GiB%s per device; %s.', device.device_kind,
+                 time.time() - t0, per, peak / plan.GIB, share,
+                 plan.precision_text(config))
+  return compiled
+
+
+def _mfu(config, per_device: int):
+  """A function (seconds per step) -> MFU on this run's accelerator, or
+  None on a CPU or a chip without peaks in `hardware.CHIPS`."""
+  key = hardware.chip_key(jax.devices()[0].device_kind)
+  if key is None or jax.devices()[0].platform == 'cpu' or config.arch != 'conv':
+    return None
+  return lambda seconds: hardware.mfu(config, per_device, seconds, key)
+
+
 def _train(config, workdir: str, manager) -> step_lib.TrainState:
   is_host0 = jax.process_index() == 0
   checkpointing.check_model(manager, config)  # another model: say so first
@@ -361,7 +402,9 @@ def _train(config, workdir: str, manager) -> step_lib.TrainState:
   # Images and evaluation are local work for host 0's writer only.
   evaluate = (_make_evaluator(config)
               if config.eval_every_steps and is_host0 else None)
-  train_step = step_lib.make_train_step(config, mesh=mesh)
+  train_step = compile_step(config, mesh, state)
+  mfu = _mfu(config, config.batch_size // mesh.size)
+  clock = [time.time(), start]  # [time, step] at the last flush
   batches = parallel.prefetch_to_mesh(
       (b['image'].reshape((-1,) + b['image'].shape[2:]) for b in data), mesh)
 
@@ -382,8 +425,13 @@ def _train(config, workdir: str, manager) -> step_lib.TrainState:
       _check_finite(host, last_good)
     else:
       _count_skips(host, skips, config.max_consecutive_skips, last_good)
+    now = time.time()
+    seconds, steps = now - clock[0], step - clock[1]
+    clock[:] = now, step
     if host:
       mean = {k: np.mean([m[k] for _, m in host]) for k in host[-1][1]}
+      if mfu and steps > 0:  # the wall time since the last flush
+        mean['mfu'] = mfu(seconds / steps)
       mean['skipped_steps'] = parallel.host_int(state.skipped_steps)
       mean['corrupt_images_skipped'] = len(data.corrupt_files)
       writer.write_scalars(step, mean)
@@ -415,13 +463,16 @@ def _train(config, workdir: str, manager) -> step_lib.TrainState:
         if is_host0 and (step % config.image_every_steps == 0 or last):
           _write_images(writer, workdir, step, parallel.local_copy(state),
                         reals, z_fixed, config)
+          clock[:] = time.time(), step  # MFU times training steps only
         if evaluate and (step % config.eval_every_steps == 0 or last):
           evaluate_and_write(step, signals)
+          clock[:] = time.time(), step
         stop = signals.requested or manager.reached_preemption(step)
         if step % config.checkpoint_every_steps == 0 or last or stop:
           flush(step)  # Never save a state that is not finite.
           checkpointing.save(manager, state, force=True, config=config)
           last_good = step
+          clock[:] = time.time(), step
           if changes:  # every process: the wait may synchronise them
             manager.wait_until_finished()  # the new identity is on disk
             if is_host0:

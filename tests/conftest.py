@@ -17,9 +17,11 @@ import tempfile
 import xml.etree.ElementTree as ET
 
 # The suite runs on the CPU, also where a GPU or libtpu is installed (libtpu
-# would otherwise probe for TPU metadata); child processes inherit these.
+# would otherwise probe for TPU metadata, and lock itself to one process,
+# where the plan tests only compile); child processes inherit these.
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
+os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 
 import jax  # noqa: E402  (after the platform choice above)
 import numpy as np

@@ -2,12 +2,16 @@
 
 Each tool runs in its own process, as a user runs it (no JAX_PLATFORMS or
 logging settings added), and every line of stderr counts: the user sees it.
+Where libtpu is installed (for the TPU plan's compile test) the tools run
+with JAX_PLATFORMS=cpu: on a host without a TPU, libtpu prints its own
+initialisation warnings when JAX looks for one, which are not the tools'.
 The cases run in parallel; the one that proves an early check by its time
 runs alone first. Config-file errors are also checked in-process, through
 `cli._parse_flags` with a fresh set of flags.
 """
 
 import collections
+import importlib.util
 import os
 import re
 import subprocess
@@ -22,7 +26,8 @@ import pytest
 from conftest import REPO_ROOT
 from introvae_jax import cli
 
-_ENV_DROP = ('JAX_PLATFORMS',)
+_HAS_LIBTPU = importlib.util.find_spec('libtpu') is not None
+_ENV_DROP = () if _HAS_LIBTPU else ('JAX_PLATFORMS',)
 
 
 def _start_command(command):
@@ -78,6 +83,9 @@ def _cases(p):
                                      'flag --num_steps=0'),
       'toy2d_dataset': ('toy2d', ['--dataset=moons'],
                         '--dataset must be one of 8gaussians'),
+      'plan_unknown_chip': ('plan', ['--config=configs/default.py',
+                                     '--topology=v9x:2x2'],
+                            "--topology=v9x:2x2: unknown chip 'v9x'"),
   }
 
 

@@ -2,12 +2,14 @@
 (slow, with libtpu) the real step compiled for a TPU topology on this host."""
 
 import importlib.util
+import re
 import time
 
 import jax
 import pytest
 
 from conftest import tiny_config
+from introvae_jax import hardware
 from introvae_jax import plan
 from introvae_jax.errors import UserError
 
@@ -19,12 +21,42 @@ def test_chip_table_has_the_published_peaks():
   expected = {'v4': (32, 1228, 275), 'v5e': (16, 819, 197),
               'v5p': (95, 2765, 459), 'v6e': (32, 1640, 918)}
   got = {k: (c.hbm_gib, c.hbm_gbps, c.bf16_tflops)
-         for k, c in plan.CHIPS.items()}
+         for k, c in hardware.CHIPS.items() if k in hardware.TPUS}
   assert got == expected
-  assert plan.chip_for('v5e:2x2') is plan.CHIPS['v5e']
-  assert plan.chip_for('v4:2x2x1') is plan.CHIPS['v4']
+  # NVIDIA datasheets, dense: (bf16, tf32, fp32) TFLOP/s.
+  gpus = {k: (c.bf16_tflops, c.tf32_tflops, c.fp32_tflops)
+          for k, c in hardware.CHIPS.items() if k not in hardware.TPUS}
+  assert gpus == {'h100': (989.5, 494.5, 67), 'h200': (989.5, 494.5, 67),
+                  'a100': (312, 156, 19.5), 'l4': (121, 60, 30.3)}
+  assert hardware.chip_named('v5e:2x2') is hardware.CHIPS['v5e']
+  assert hardware.chip_named('v4:2x2x1') is hardware.CHIPS['v4']
   with pytest.raises(UserError, match='unknown chip'):
-    plan.chip_for('v9x:2x2')
+    hardware.chip_named('v9x:2x2')
+
+
+@pytest.mark.parametrize('kind, key', [
+    ('TPU v4', 'v4'), ('TPU v5 lite', 'v5e'), ('TPU v5e', 'v5e'),
+    ('TPU v5', 'v5p'), ('TPU v5p', 'v5p'), ('TPU v6 lite', 'v6e'),
+    ('NVIDIA H100 80GB HBM3', 'h100'), ('NVIDIA H200', 'h200'),
+    ('NVIDIA A100-SXM4-80GB', 'a100'), ('NVIDIA L4', 'l4'),
+    ('NVIDIA L40S', None), ('cpu', None), ('TPU v3', None)])
+def test_device_kinds_name_their_chip(kind, key):
+  assert hardware.chip_key(kind) == key
+
+
+def test_peak_follows_the_runs_arithmetic_and_mfu_is_its_share():
+  c = tiny_config()
+  # TPU: float32 products are 6 / 3 / 1 bfloat16 passes.
+  assert hardware.peak_flops('v5e', 'float32', 'highest') == 197e12 / 6
+  assert hardware.peak_flops('v5e', 'float32', 'high') == 197e12 / 3
+  assert hardware.peak_flops('v5e', 'bfloat16', 'highest') == 197e12
+  # GPU: plain float32 cores at 'highest', TF32 otherwise.
+  assert hardware.peak_flops('a100', 'float32', 'highest') == 19.5e12
+  assert hardware.peak_flops('a100', 'float32', 'default') == 156e12
+  c.precision = 'default'
+  flops = hardware.analytic_flops(c, 4)
+  assert hardware.mfu(c, 4, 2e-6, 'a100') == pytest.approx(
+      flops / (2e-6 * 156e12))
 
 
 def test_memory_line_through_two_points():
@@ -45,16 +77,16 @@ def test_analytic_flops_of_a_one_level_model_by_hand():
   dec = (2 * 4 * 64 + 2 * (2 * 16 * 4 * 4 * 9) + 2 * (2 * 64 * 4 * 4 * 9)
          + 2 * 64 * 4 * 3 * 25)
   assert (enc, dec) == (48640, 84992)
-  assert plan.forward_flops(c) == (enc, dec)
-  # 13 encoder and 8 decoder forward-equivalents per example (plan.py).
-  assert plan.analytic_flops(c, 4) == 4 * (13 * enc + 8 * dec)
+  assert hardware.forward_flops(c) == (enc, dec)
+  # 13 encoder and 7 decoder forward-equivalents per example (hardware.py).
+  assert hardware.analytic_flops(c, 4) == 4 * (13 * enc + 7 * dec)
   # Without the taps on 'SAME' padding: per axis, a 5-tap kernel over 8
   # pixels lands 3+4+5*4+4+3 = 34 times inside; a 3-tap one over 4 pixels
   # 2+3+3+2 = 10, over 8 pixels 2+3*6+2 = 22.
   enc_x = 2 * 34**2 * 3 * 4 + 2 * (2 * 10**2 * 4 * 4) + 2 * 64 * 8
   dec_x = (2 * 4 * 64 + 2 * (2 * 10**2 * 4 * 4) + 2 * (2 * 22**2 * 4 * 4)
            + 2 * 34**2 * 4 * 3)
-  assert plan.forward_flops(c, exact_taps=True) == (enc_x, dec_x)
+  assert hardware.forward_flops(c, exact_taps=True) == (enc_x, dec_x)
 
 
 def test_oom_is_one_line_with_the_numbers_and_the_fix():
@@ -65,6 +97,11 @@ def test_oom_is_one_line_with_the_numbers_and_the_fix():
   assert '\n' not in line
   assert '15.91G of 15.75G HBM' in line and '3 images per device' in line
   assert 'remat' in line and 'batch_size' in line and 'bfloat16' in line
+
+
+def test_unknown_chip_is_refused_before_libtpu_is_needed():
+  with pytest.raises(UserError, match="unknown chip 'v9x'"):
+    plan.topology('v9x:2x2')
 
 
 def _has_libtpu():
@@ -105,8 +142,8 @@ def test_step_compiled_for_a_tpu_topology_matches_independent_counts():
   assert expected == plan.state_bytes(c)
   assert 1.0 <= ratio <= 1.02       # measured 1.005
   flops = plan.xla_flops(compiled)
-  model = plan.analytic_flops(c, 1)
-  exact = plan.analytic_flops(c, 1, exact_taps=True)
+  model = hardware.analytic_flops(c, 1)
+  exact = hardware.analytic_flops(c, 1, exact_taps=True)
   print(f'XLA FLOPs {flops:.4g}; analytic {model:.4g} (ratio '
         f'{flops / model:.3f}), without padding taps {exact:.4g} (ratio '
         f'{flops / exact:.3f})')
@@ -116,3 +153,20 @@ def test_step_compiled_for_a_tpu_topology_matches_independent_counts():
   assert 0.95 <= flops / exact <= 1.05
   # At 8 px, a third of the 3x3 taps at 4x4 fall on padding (measured 0.772).
   assert 0.7 <= flops / model <= 0.85
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _has_libtpu(), reason='libtpu is not installed '
+                    "(pip install 'libtpu==0.0.42.*') : it compiles for TPU "
+                    'topologies on this CPU host')
+def test_a_step_too_large_for_hbm_is_one_line_with_xlas_numbers():
+  # 8192 images of 8 px x 128 channels per chip: far over a v5e's 16 GiB.
+  c = tiny_config(channels=(128,), hdim=64, batch_size=4)
+  with pytest.raises(UserError) as e:
+    plan.compile_step(c, 'v5e:2x2', per_device_batch=8192)
+  message = str(e.value)
+  print(message)
+  assert '\n' not in message
+  assert '8192 images per device needs' in message and 'HBM' in message
+  used = re.search(r'needs ([\d.]+)G of ([\d.]+)G HBM', message)
+  assert used and float(used.group(1)) > float(used.group(2)), message

@@ -12,7 +12,13 @@ float32 step, over 3 steps of a small model (16 px, widths (8, 16)):
   docs introvae.md 3b), and on average far below it.
 remat recomputes block activations in the backward pass: the same function,
 so the same numbers.
+
+`precision` is the arithmetic of float32 products on TPUs and GPUs (CPUs
+compute float32 exactly at any setting): every convolution and dense layer of
+the step carries it into the compiled program.
 """
+
+import re
 
 import jax
 import numpy as np
@@ -131,3 +137,19 @@ def test_remat_marks_the_blocks_for_recomputation():
         state, tiny_batch(config)).as_text().count('optimization_barrier')
   assert barriers(_config()) == 0
   assert barriers(_config(remat=True)) > 0
+
+
+@pytest.mark.parametrize('arch, precision', [
+    ('conv', 'highest'), ('conv', 'default'), ('mlp', 'high')])
+def test_every_product_of_the_step_carries_the_configured_precision(
+    arch, precision):
+  c = tiny_config(arch, precision=precision)
+  state = introvae_jax.create_train_state(c, jax.random.PRNGKey(0))
+  step = jax.jit(lambda s, x: introvae_jax.train_step(s, x, c))
+  text = step.lower(state, tiny_batch(c)).as_text()
+  ops = re.findall(r'stablehlo\.(?:convolution|dot_general)[^\n]*', text)
+  assert len(ops) >= (60 if arch == 'conv' else 20)
+  # Both operands' precision, as '#stablehlo<precision X>' (convolutions) or
+  # 'precision = [X, X]' (dots).
+  named = [set(re.findall(r'\b(DEFAULT|HIGHEST|HIGH)\b', op)) for op in ops]
+  assert all(n == {precision.upper()} for n in named), named
