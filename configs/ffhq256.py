@@ -14,7 +14,8 @@ def get_config():
   c.image_size = 256
   c.channels = channels_for(256)
   c.batch_size = 16
-  c.remat = False                  # 256 px fits without recomputation
+  c.remat = False                  # 256 px fits without recomputation,
+  c.precision = 'highest'          # and at the reference-exact precision
   c.num_vae_steps = 4 * ffhq1024.NUM_IMAGES // c.batch_size
   c.num_train_steps = 200 * ffhq1024.NUM_IMAGES // c.batch_size
   c.num_image_samples = 16

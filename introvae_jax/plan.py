@@ -105,8 +105,10 @@ def compile_step(config, topology_name: str, per_device_batch=None):
 
 def oom_line(text: str, where: str, per_device: int) -> str:
   """XLA's compile-time HBM out-of-memory as one line with the fix."""
-  used = re.search(r'Used\s+([\d.]+\s*[KMGT]?i?B?)\s+of\s+([\d.]+\s*[KMGT]?i?B?)'
-                   r'\s+hbm', text)
+  size = r'([\d.]+\s*[KMGT]?i?B?)'
+  used = (re.search(rf'Used\s+{size}\s+of\s+{size}\s+hbm', text) or
+          re.search(rf'HLO temporaries \({size}\) exceeds available HBM '
+                    rf'\({size}\)', text))
   numbers = (f'needs {used.group(1)} of {used.group(2)} HBM' if used
              else 'does not fit in HBM')
   return (f'the train step for {where} at {per_device} images per '

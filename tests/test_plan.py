@@ -95,6 +95,10 @@ def test_oom_is_one_line_with_the_numbers_and_the_fix():
           'hbm capacity by 164.5M.\n\nTotal hbm usage >= 16.16G: ...')
   line = plan.oom_line(text, 'v5e:2x2', 3)
   assert '\n' not in line
+  other = ('RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory '
+           'required for HLO temporaries (50.12G) exceeds available HBM '
+           '(15.75G).')
+  assert 'needs 50.12G of 15.75G HBM' in plan.oom_line(other, 'v5e:2x2', 9)
   assert '15.91G of 15.75G HBM' in line and '3 images per device' in line
   assert 'remat' in line and 'batch_size' in line and 'bfloat16' in line
 
@@ -147,12 +151,13 @@ def test_step_compiled_for_a_tpu_topology_matches_independent_counts():
   print(f'XLA FLOPs {flops:.4g}; analytic {model:.4g} (ratio '
         f'{flops / model:.3f}), without padding taps {exact:.4g} (ratio '
         f'{flops / exact:.3f})')
-  # XLA counts the taps inside the image only, and the 13 + 8 passes of
-  # plan.py (measured 0.986: the elementwise work it also counts is smaller
-  # than the first layers' input gradients the analytic count includes).
-  assert 0.95 <= flops / exact <= 1.05
-  # At 8 px, a third of the 3x3 taps at 4x4 fall on padding (measured 0.772).
-  assert 0.7 <= flops / model <= 0.85
+  # XLA counts the taps inside the image only, the 13 + 7 passes of
+  # hardware.py, and the elementwise work the analytic count leaves out
+  # (BatchNorm, activations, Adam over 1.3 M parameters): at one 8 px image
+  # per chip that is a tenth of the step (measured 1.088).
+  assert 0.95 <= flops / exact <= 1.15
+  # At 8 px, a third of the 3x3 taps at 4x4 fall on padding (measured 0.849).
+  assert 0.75 <= flops / model <= 0.95
 
 
 @pytest.mark.slow
@@ -160,13 +165,14 @@ def test_step_compiled_for_a_tpu_topology_matches_independent_counts():
                     "(pip install 'libtpu==0.0.42.*') : it compiles for TPU "
                     'topologies on this CPU host')
 def test_a_step_too_large_for_hbm_is_one_line_with_xlas_numbers():
-  # 8192 images of 8 px x 128 channels per chip: far over a v5e's 16 GiB.
-  c = tiny_config(channels=(128,), hdim=64, batch_size=4)
+  # A real failing compile, made cheap: the 2-D toy MLP at 2**20 points per
+  # chip needs ~50 GiB of temporaries on a 16 GiB v5e (a few seconds).
+  c = tiny_config('mlp', mlp_hidden=(1024, 1024, 1024))
   with pytest.raises(UserError) as e:
-    plan.compile_step(c, 'v5e:2x2', per_device_batch=8192)
+    plan.compile_step(c, 'v5e:2x2', per_device_batch=2 ** 20)
   message = str(e.value)
   print(message)
   assert '\n' not in message
-  assert '8192 images per device needs' in message and 'HBM' in message
+  assert '1048576 images per device needs' in message, message
   used = re.search(r'needs ([\d.]+)G of ([\d.]+)G HBM', message)
   assert used and float(used.group(1)) > float(used.group(2)), message

@@ -249,16 +249,16 @@ def test_divergence_at_the_first_step_names_no_checkpoint(tmp_path,
 def _poisoned_batch_at(monkeypatch, bad_step):
   """The training step sees a batch scaled by 1e30 at step `bad_step` (its
   reconstruction loss overflows): a one-off non-finite step."""
-  make_train_step = step_lib.make_train_step
+  compile_step = train.compile_step
 
-  def poisoning(config, **kwargs):
-    compiled = make_train_step(config, **kwargs)
-    def call(state, batch, *args):
+  def poisoning(config, mesh, state):
+    compiled = compile_step(config, mesh, state)
+    def call(state, batch):
       if int(state.step) + 1 == bad_step:
-        batch = batch * 1e30
-      return compiled(state, batch, *args)
+        batch = jax.device_put(batch * 1e30, batch.sharding)
+      return compiled(state, batch)
     return call
-  monkeypatch.setattr(step_lib, 'make_train_step', poisoning)
+  monkeypatch.setattr(train, 'compile_step', poisoning)
 
 
 def test_skip_keeps_the_state_and_stops_after_consecutive_skips(
