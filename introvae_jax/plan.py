@@ -56,9 +56,13 @@ def topology(topology_name: str):
   """The compile-only devices of a named TPU topology (needs libtpu)."""
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   hardware.chip_named(topology_name)  # an unknown chip: say so first
+  # A v4 chip's two TensorCores run as one device (megacore), as JAX uses
+  # them on a v4 VM; the compile-only default would make each core a device.
+  extra = ({'chip_config_name': 'megacore'}
+           if topology_name.lower().startswith('v4') else {})
   try:
     return topologies.get_topology_desc(platform='tpu',
-                                        topology_name=topology_name)
+                                        topology_name=topology_name, **extra)
   except Exception as e:  # pylint: disable=broad-except
     # A bad name and a missing libtpu both land here; the text says which.
     text = ' '.join(str(e).split())[:200]

@@ -112,6 +112,17 @@ def _has_libtpu():
   return importlib.util.find_spec('libtpu') is not None
 
 
+@pytest.mark.skipif(not _has_libtpu(), reason='libtpu is not installed')
+def test_topologies_have_one_device_per_chip_as_on_a_tpu_vm():
+  # v4 and v5p chips have two TensorCores that JAX runs as one device
+  # (megacore); v5e and v6e chips have one.
+  for name, chips in [('v4:2x2x1', 4), ('v5p:2x2x1', 4), ('v5e:2x2', 4),
+                      ('v6e:2x2', 4)]:
+    devices = plan.topology(name).devices
+    assert len(devices) == chips, name
+    assert len({tuple(d.coords) for d in devices}) == chips, name
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not _has_libtpu(), reason='libtpu is not installed '
                     "(pip install 'libtpu==0.0.42.*') : it compiles for TPU "
