@@ -357,8 +357,8 @@ def compile_step(config, mesh, state):
 def _mfu(config, per_device: int):
   """A function (seconds per step) -> MFU on this run's accelerator, or
   None on a CPU or a chip without peaks in `hardware.CHIPS`."""
-  key = hardware.chip_key(jax.devices()[0].device_kind)
-  if key is None or jax.devices()[0].platform == 'cpu' or config.arch != 'conv':
+  key = hardware.chip_key(jax.devices()[0].device_kind)  # None on a CPU
+  if key is None or config.arch != 'conv':
     return None
   return lambda seconds: hardware.mfu(config, per_device, seconds, key)
 
