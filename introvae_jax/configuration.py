@@ -20,6 +20,8 @@ import ml_collections
 
 from introvae_jax.errors import ConfigError
 
+# The objectives' registry (introvae_jax.objectives.REGISTRY) has these keys.
+OBJECTIVES = ('vae', 'introvae', 'soft_introvae')
 MODES = ('reference', 'fused')
 ARCHS = ('conv', 'mlp')
 DTYPES = ('float32', 'bfloat16', 'float64')  # bfloat16: mixed precision.
@@ -195,7 +197,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data_dim = 2                # mlp only
   c.mlp_hidden = (256, 256, 256)
 
-  # Objective (reference `main.py` flags).
+  # Objective: 'introvae' (reference `main.py` flags below), 'soft_introvae'
+  # (its own namespace) or 'vae' (the warm-up, vae_weight_*, at every step).
+  c.objective = 'introvae'
   c.mode = 'reference'          # 'reference' (exact) or 'fused' (one pass).
   c.m_plus = 120.0
   c.weight_rec = 0.05
@@ -204,6 +208,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_vae_steps = 0           # plain-VAE warm-up steps (reference: num_vae epochs).
   c.vae_weight_rec = 1.0        # warm-up loss vae_weight_rec*L_AE + vae_weight_kl*KL
   c.vae_weight_kl = 1.0         # (reference: 1 and 1; compare's betavae: the recipe's).
+  # Soft-IntroVAE (taldatech/soft-intro-vae-pytorch `train_soft_intro_vae.py`
+  # defaults; beta_neg 256 as their MNIST and CIFAR-10 recommendation). Its
+  # warm-up (num_vae_steps) is beta_rec*L_AE + beta_kl*KL, unscaled.
+  c.soft_introvae = ml_collections.ConfigDict(dict(
+      beta_rec=1.0, beta_kl=1.0, beta_neg=256.0, gamma_r=1e-8))
 
   # Optimisers: two Adams, no schedule, no clipping, no weight decay.
   c.lr_e = 2e-4
@@ -285,6 +294,7 @@ CONSTRAINTS = {
     'precision': Choice(PRECISIONS),
     'data_dim': _COUNT,
     'mlp_hidden': PositiveInts(),
+    'objective': Choice(OBJECTIVES),
     'mode': Choice(MODES),
     'm_plus': _WEIGHT,
     'weight_rec': _WEIGHT,
@@ -293,6 +303,10 @@ CONSTRAINTS = {
     'num_vae_steps': Int(low=0),
     'vae_weight_rec': _WEIGHT,
     'vae_weight_kl': _WEIGHT,
+    'soft_introvae.beta_rec': _WEIGHT,
+    'soft_introvae.beta_kl': _WEIGHT,
+    'soft_introvae.beta_neg': _WEIGHT,
+    'soft_introvae.gamma_r': _WEIGHT,
     'lr_e': _LR,
     'lr_g': _LR,
     'adam_b1': _BETA,
@@ -364,8 +378,28 @@ def allowed_changes(config) -> frozenset:
   return _names(config.allow_changes)
 
 
+def flat_fields(config) -> dict:
+  """{name: value} of a config (or its stored record), a namespace's fields
+  named 'namespace.field' (e.g. 'soft_introvae.beta_neg')."""
+  out = {}
+  for name, value in config.items():
+    if isinstance(value, (dict, ml_collections.ConfigDict)):
+      out.update({f'{name}.{k}': v for k, v in flat_fields(value).items()})
+    else:
+      out[name] = value
+  return out
+
+
+def field(config, name: str):
+  """A field by its flat name ('hdim', 'soft_introvae.beta_neg')."""
+  for part in name.split('.'):
+    config = config[part]
+  return config
+
+
 def identity_changes(stored, config):
   """[(field, stored value, new value)] of identity fields that differ."""
+  stored, config = flat_fields(stored), flat_fields(config)
   return [(name, stored[name], config[name]) for name in sorted(config)
           if name not in FREE_ON_RESUME and name in stored
           and _normalised(stored[name]) != _normalised(config[name])]
@@ -416,7 +450,8 @@ def from_record(saved: dict, where: str) -> ml_collections.ConfigDict:
   """A locked config from a stored record (config.json's or a checkpoint's
   metadata); `where` names the record in errors."""
   config = base_config()
-  unknown = sorted(set(saved) - set(config))
+  saved = flat_fields(saved)
+  unknown = sorted(set(saved) - set(flat_fields(config)))
   if unknown:
     raise ConfigError(f'{where} has fields this version does not know: '
                       f'{unknown}; use the introvae-jax version that wrote it.')
@@ -429,7 +464,9 @@ def from_record(saved: dict, where: str) -> ml_collections.ConfigDict:
                         'restore config.<step>.json beside it.')
   with config.unlocked():
     for name, value in values.items():
-      config[name] = value
+      *namespace, last = name.split('.')
+      target = field(config, '.'.join(namespace)) if namespace else config
+      target[last] = value
   return config
 
 
@@ -440,7 +477,7 @@ def validate(config) -> None:
     raise ConfigError(f'Invalid config: {msg}')
 
   for name in CONSTRAINTS:
-    problem = field_problem(name, config[name])
+    problem = field_problem(name, field(config, name))
     if problem:
       fail(problem)
   if config.dtype == 'float64' and not jax.config.jax_enable_x64:
@@ -457,6 +494,11 @@ def validate(config) -> None:
            f'model downsamples len(channels)={len(chans)} times to 4x4, so it '
            f'needs image_size={4 * 2 ** len(chans)} (or set channels to '
            f'introvae_jax.channels_for({size})).')
+  if config.mode == 'fused':
+    from introvae_jax import objectives  # pylint: disable=g-import-not-at-top
+    if not objectives.get(config.objective).FUSED:
+      fail(f"mode='fused' is IntroVAE's one-pass variant; objective="
+           f"{config.objective!r} has no fused form: use mode='reference'.")
   _validate_distributed(config, fail)
 
 

@@ -1,25 +1,15 @@
-"""TrainState and the pure IntroVAE train step.
+"""TrainState and the pure train step: the shell around the objectives.
 
 `train_step(state, batch, config)` is a pure function: call it directly, wrap
 it in `jax.jit`, in `jax.shard_map` over a mesh axis 'batch' or in
 `jax.pmap(..., axis_name='batch')`, with `axis_name='batch'` (see
-`make_train_step`: the mesh step by default, `pmap=True` for pmap). In
-reference mode it performs the authors' iteration exactly (paper Algorithm 1,
-hhb072/IntroVAE `main.py`):
-
-1. encoder update on L_E, with ng(.) = `jax.lax.stop_gradient` on the
-   reconstructions and prior samples it sees as fakes;
-2. decoder update on L_G, whose KLs come from the *updated* encoder, plus the
-   w_rec * L_AE gradient the reference keeps (it never zeroes the decoder's
-   gradient between its two backward passes).
-
-The work is arranged so nothing is computed twice (docs: introvae.md 3c): one
-VJP of the two decoder calls serves both the reconstruction cotangent and the
-G-step cotangents, and the G step differentiates the updated encoder with
-respect to its inputs only. BatchNorm runs in train mode for every call, each
-call normalising its own batch and updating running statistics in the
-reference's call order: decoder(z_p), decoder(z); encoder(x), encoder(ng x_r),
-encoder(ng x_p), encoder'(x_r), encoder'(x_p).
+`make_train_step`: the mesh step by default, `pmap=True` for pmap). It runs
+one iteration of `config.objective` (`introvae_jax.objectives`: 'introvae',
+the authors' iteration exactly in reference mode; 'soft_introvae'; 'vae')
+and does what every objective shares: the compute dtype, the random draws
+(for the global batch, so any device count gives the same numbers),
+averaging BatchNorm statistics and metrics over devices, the finiteness
+check and skipping.
 
 Example, unmapped, from other JAX code::
 
@@ -39,8 +29,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from introvae_jax import losses
 from introvae_jax import models
+from introvae_jax import objectives
 from introvae_jax import parallel
 from introvae_jax.configuration import check_batch_divides, validate
 from introvae_jax.parallel import AXIS_NAME
@@ -120,21 +110,6 @@ def abstract_train_state(config, *, mesh=None) -> TrainState:
       shapes)
 
 
-def _apply(module, params, stats, x):
-  """One train-mode call; returns (output, updated batch_stats)."""
-  out, upd = module.apply({'params': params, 'batch_stats': stats}, x,
-                          train=True, mutable=['batch_stats'])
-  return out, upd.get('batch_stats', stats)
-
-
-def _select(pred, on_true, on_false):
-  """tree-wise jnp.where; `pred` may be a Python bool."""
-  if pred is False:
-    return on_false
-  return jax.tree_util.tree_map(lambda a, b: jnp.where(pred, a, b),
-                                on_true, on_false)
-
-
 def _all_finite(tree) -> jax.Array:
   """True when every float leaf of `tree` is finite (one fused reduction)."""
   leaves = [jnp.isfinite(a).all() for a in jax.tree_util.tree_leaves(tree)
@@ -142,152 +117,26 @@ def _all_finite(tree) -> jax.Array:
   return jnp.stack(leaves).all() if leaves else jnp.asarray(True)
 
 
-def _pmean(tree, axis_name):
-  return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
-
-
-def draw_noise(rng, step, local_batch, hdim, axis_name=None):
-  """(eps, z_p) for this step, [local_batch, hdim] each.
+def draw_noise(rng, step, local_batch, hdim, axis_name=None, num=2):
+  """`num` standard-normal draws for this step, [local_batch, hdim] each:
+  (eps, z_p) for IntroVAE, an objective's `NOISE` in order.
 
   Drawn for the global batch and sliced per device, so a step gives the same
   numbers on any number of devices.
   """
-  k_eps, k_prior = jax.random.split(jax.random.fold_in(rng, step))
+  keys = jax.random.split(jax.random.fold_in(rng, step), num)
   n_dev, idx = 1, 0
   if axis_name is not None:
     n_dev, idx = jax.lax.axis_size(axis_name), jax.lax.axis_index(axis_name)
   draw = lambda k: jax.lax.dynamic_slice_in_dim(
       jax.random.normal(k, (n_dev * local_batch, hdim), jnp.float32),
       idx * local_batch, local_batch)
-  return draw(k_eps), draw(k_prior)
-
-
-def _adam_step(tx, grads, opt_state, params):
-  updates, opt_state = tx.update(grads, opt_state, params)
-  return optax.apply_updates(params, updates), opt_state
-
-
-def _update(nets, state, x, eps, z_p, config, axis_name):
-  """One iteration, reference ('reference') or one-pass ('fused') mode.
-
-  The VAE warm-up is this same computation with w_rec = vae_weight_rec,
-  w_kl = vae_weight_kl (the reference's 1 and 1) and no adversarial terms (so
-  L_E = w_rec*L_AE + w_kl*KL and the decoder's gradient is that of
-  w_rec*L_AE), the running statistics of the fake-image calls discarded.
-  Selecting weights, rather than branching with `lax.cond`, keeps one
-  compiled function and XLA:CPU fast (a conditional made the step 15x slower
-  there).
-  """
-  (encoder, decoder), (tx_e, tx_g) = nets
-  warmup = (state.step < config.num_vae_steps) if config.num_vae_steps else False
-  ct = jnp.promote_types(jnp.dtype(config.dtype), jnp.float32)
-  phase = lambda warm, adv: jnp.where(warmup, warm, adv).astype(ct) if config.num_vae_steps \
-      else jnp.asarray(adv, ct)
-  w_rec = phase(config.vae_weight_rec, config.weight_rec)
-  w_kl = phase(config.vae_weight_kl, config.weight_kl)
-  w_neg, m = config.weight_neg, config.m_plus
-  w_adv = phase(0.0, w_kl * 0.5 * w_neg)     # on each hinge term in L_E
-  w_kl_g = phase(0.0, 0.5 * w_kl)            # on each KL term in L_G
-
-  # Encoder on real images, with the reparameterised sample.
-  def encode_real(params_e):
-    (mu, logvar), stats = _apply(encoder, params_e, state.batch_stats_e, x)
-    return (mu, logvar, losses.reparameterize(mu, logvar, eps)), stats
-
-  (mu, logvar, z), enc_real_vjp, stats_e_real = jax.vjp(
-      encode_real, state.params_e, has_aux=True)
-  stats_e = stats_e_real
-
-  # Both decoder calls under one VJP. Each starts from the old running
-  # statistics; chaining them as the reference does (prior samples first) is
-  # linear, r2 = s_rec + (1 - momentum) * (s_fake - r), and the warm-up keeps
-  # s_rec alone.
-  def decode(params_g, z):
-    r = state.batch_stats_g
-    x_fake, s_fake = _apply(decoder, params_g, r, z_p)
-    x_rec, s_rec = _apply(decoder, params_g, r, z)
-    keep = 1.0 - models.BN_MOMENTUM
-    chained = jax.tree_util.tree_map(lambda a, b, c: a + keep * (b - c),
-                                     s_rec, s_fake, r)
-    return (x_rec, x_fake), _select(warmup, s_rec, chained)
-
-  (x_rec, x_fake), dec_vjp, stats_g = jax.vjp(decode, state.params_g, z,
-                                              has_aux=True)
-
-  loss_rec, g_x_rec = jax.value_and_grad(
-      lambda xr: losses.reconstruction_loss(x, xr).mean())(x_rec)
-  kl_real, (g_mu, g_logvar) = jax.value_and_grad(
-      lambda a, b: losses.kl_divergence(a, b).mean(), argnums=(0, 1))(mu, logvar)
-
-  # Encoder on the fakes. E-step: gradients to params_e only (ng on inputs).
-  def encode_fakes(params_e, stats, x_r, x_p):
-    (mu_r, lv_r), stats = _apply(encoder, params_e, stats, x_r)
-    (mu_p, lv_p), stats = _apply(encoder, params_e, stats, x_p)
-    kl_r = losses.kl_divergence(mu_r, lv_r).mean()
-    kl_p = losses.kl_divergence(mu_p, lv_p).mean()
-    return (kl_r, kl_p), stats
-
-  def hinge_cotangent(kl_r, kl_p):
-    """d L_E / d (kl_rec, kl_fake) for the hinge on the *global* batch-mean KL.
-
-    Each device uses the global hinge's active side with its local KL mean;
-    averaging gradients over devices then gives the global-batch gradient.
-    """
-    scale = -w_adv
-    return (scale * (m - _pmean(kl_r, axis_name) > 0).astype(kl_r.dtype),
-            scale * (m - _pmean(kl_p, axis_name) > 0).astype(kl_p.dtype))
-
-  sg = jax.lax.stop_gradient
-  if config.mode == 'reference':
-    (kl_rec, kl_fake), fakes_vjp, stats_e = jax.vjp(
-        lambda p: encode_fakes(p, stats_e, sg(x_rec), sg(x_fake)),
-        state.params_e, has_aux=True)
-    (g_e_adv,) = fakes_vjp(hinge_cotangent(kl_rec, kl_fake))
-  else:  # 'fused': one forward of E on the fakes, shared by both updates.
-    (kl_rec, kl_fake), fakes_vjp, stats_e = jax.vjp(
-        lambda p, xr, xp: encode_fakes(p, stats_e, xr, xp),
-        state.params_e, x_rec, x_fake, has_aux=True)
-    g_e_adv = fakes_vjp(hinge_cotangent(kl_rec, kl_fake))[0]
-
-  # The reconstruction term reaches the encoder through z.
-  _, g_z = dec_vjp((w_rec * g_x_rec, jnp.zeros_like(x_fake)))
-  (g_e_real,) = enc_real_vjp((w_kl * g_mu, w_kl * g_logvar, g_z))
-  g_e = _pmean(jax.tree_util.tree_map(jnp.add, g_e_real, g_e_adv), axis_name)
-  params_e, opt_e = _adam_step(tx_e, g_e, state.opt_state_e, state.params_e)
-  loss_e = losses.encoder_loss(
-      loss_rec, kl_real, _pmean(kl_rec, axis_name), _pmean(kl_fake, axis_name),
-      m_plus=m, weight_rec=w_rec, weight_kl=w_kl, weight_neg=phase(0.0, w_neg))
-
-  # Decoder step: KLs of the fakes under the updated encoder (reference) or
-  # the same forward (fused), differentiated w.r.t. the images only.
-  half = w_kl_g
-  if config.mode == 'reference':
-    (kl_rec_g, kl_fake_g), g_vjp, stats_e = jax.vjp(
-        lambda xr, xp: encode_fakes(params_e, stats_e, xr, xp),
-        x_rec, x_fake, has_aux=True)
-    g_xr_g, g_xp_g = g_vjp((half, half))
-  else:
-    kl_rec_g, kl_fake_g = kl_rec, kl_fake
-    _, g_xr_g, g_xp_g = fakes_vjp((half, half))
-  g_g, _ = dec_vjp((w_rec * g_x_rec + g_xr_g, g_xp_g))
-  g_g = _pmean(g_g, axis_name)
-  params_g, opt_g = _adam_step(tx_g, g_g, state.opt_state_g, state.params_g)
-  loss_g = losses.decoder_loss(loss_rec, kl_rec_g, kl_fake_g,
-                               weight_rec=w_rec, weight_kl=2.0 * w_kl_g)
-  stats_e = _select(warmup, stats_e_real, stats_e)
-
-  metrics = dict(
-      loss_rec=loss_rec, kl_real=kl_real, kl_rec=kl_rec, kl_fake=kl_fake,
-      kl_rec_g=kl_rec_g, kl_fake_g=kl_fake_g, loss_e=loss_e, loss_g=loss_g,
-      grad_norm_e=optax.global_norm(g_e), grad_norm_g=optax.global_norm(g_g),
-      mu_mean=mu.mean(), logvar_mean=logvar.mean(),
-      vae_phase=jnp.asarray(warmup, jnp.float32))
-  return (params_e, stats_e, opt_e, params_g, stats_g, opt_g), metrics
+  return tuple(draw(k) for k in keys)
 
 
 def train_step(state: TrainState, batch, config: ml_collections.ConfigDict, *,
                axis_name: Optional[str] = None, noise=None):
-  """One IntroVAE iteration: (state, batch) -> (new_state, metrics).
+  """One iteration of `config.objective`: (state, batch) -> (new_state, metrics).
 
   Args:
     state: a `TrainState`.
@@ -299,8 +148,9 @@ def train_step(state: TrainState, batch, config: ml_collections.ConfigDict, *,
       KL means for the hinge, metrics and BatchNorm running statistics are
       averaged over it. BatchNorm statistics are synced over it too when
       `config.sync_batch_stats`.
-    noise: optional (eps, z_p), each [B, hdim], to inject the random draws
-      (parity tests); by default drawn from `state.rng` and `state.step`.
+    noise: optional draws to inject (parity tests), a sequence of [B, hdim]
+      arrays in the order of the objective's `NOISE` ((eps, z_p) for
+      IntroVAE); by default drawn from `state.rng` and `state.step`.
 
   Returns:
     The new state and a dict of scalar float32 metrics (global means);
@@ -313,11 +163,18 @@ def train_step(state: TrainState, batch, config: ml_collections.ConfigDict, *,
   ct = jnp.promote_types(jnp.dtype(config.dtype), jnp.float32)
   x = jnp.asarray(x).astype(ct)
   bn_axis = axis_name if config.sync_batch_stats else None
-  nets = (models.build_models(config, bn_axis), make_optimizers(config))
+  objective = objectives.get(config.objective)
+  nets = objectives.Nets(*models.build_models(config, bn_axis),
+                         *make_optimizers(config))
   if noise is None:
-    noise = draw_noise(state.rng, state.step, x.shape[0], config.hdim, axis_name)
-  eps, z_p = (jnp.asarray(a).astype(ct) for a in noise)
-  new, metrics = _update(nets, state, x, eps, z_p, config, axis_name)
+    noise = draw_noise(state.rng, state.step, x.shape[0], config.hdim,
+                       axis_name, num=len(objective.NOISE))
+  if len(noise) != len(objective.NOISE):
+    raise ValueError(f'objective {config.objective!r} takes noise '
+                     f'{objective.NOISE}; got {len(noise)} arrays.')
+  noise = {name: jnp.asarray(a).astype(ct)
+           for name, a in zip(objective.NOISE, noise)}
+  new, metrics = objective.update(nets, state, x, noise, config, axis_name)
   params_e, stats_e, opt_e, params_g, stats_g, opt_g = new
   # BatchNorm running statistics: the mean of the devices' updates. Each
   # device updated them from its own rows; the replicated state must hold one
@@ -325,8 +182,8 @@ def train_step(state: TrainState, batch, config: ml_collections.ConfigDict, *,
   # the update is linear) uses every device's data, where keeping device 0's,
   # as torch's DataParallel does, would discard the others' (docs in README,
   # "Data parallelism"). With sync_batch_stats the devices agree already.
-  stats_e, stats_g = _pmean((stats_e, stats_g), axis_name)
-  metrics = _pmean(metrics, axis_name)
+  stats_e, stats_g = objectives.base.pmean((stats_e, stats_g), axis_name)
+  metrics = objectives.base.pmean(metrics, axis_name)
   # A loss can be finite while the update it drove overflowed (a huge
   # learning rate): the new parameters, statistics and moments count too.
   finite_state = _all_finite((params_e, stats_e, opt_e, params_g, stats_g,
@@ -355,8 +212,8 @@ def make_train_step(config, *, mesh=None, pmap: bool = False,
   of `jax.shard_map(train_step)` over the mesh axis 'batch'. It takes the
   state as global arrays replicated on the mesh and the global batch [B, ...]
   sharded on 'batch' (`parallel.global_batch`; host arrays are placed there
-  too in single-process runs), optionally `noise=(eps, z_p)` [B, hdim] each
-  as `train_step` takes it, and returns the replicated new state and
+  too in single-process runs), optionally `noise` ([B, hdim] arrays, the
+  objective's `NOISE`) as `train_step` takes it, and returns the replicated new state and
   metrics. Each device runs `train_step` on its B / devices rows, exactly as
   under pmap: BatchNorm normalises per device (across devices with
   `sync_batch_stats`), the hinge sees the global batch means, gradients and

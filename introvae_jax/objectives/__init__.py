@@ -1,0 +1,24 @@
+"""Training objectives, one module each, chosen by `config.objective`.
+
+Each module follows the contract in `base` (`NOISE`, `FUSED`, `READS`,
+`update`); `step.train_step` is the shell around it. To add one: write its
+module, register it here and in `configuration.OBJECTIVES`, give its
+hyper-parameters a config namespace, and test it (tests/test_objectives.py
+runs the contract checks over every registered objective).
+"""
+
+from introvae_jax.objectives import introvae
+from introvae_jax.objectives import soft_introvae
+from introvae_jax.objectives import vae
+from introvae_jax.objectives.base import METRICS, Nets
+
+REGISTRY = {
+    'vae': vae,
+    'introvae': introvae,
+    'soft_introvae': soft_introvae,
+}
+
+
+def get(name: str):
+  """The objective module registered as `name`."""
+  return REGISTRY[name]
