@@ -40,6 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import introvae_jax  # pylint: disable=g-import-not-at-top
 from introvae_jax import hardware  # pylint: disable=g-import-not-at-top
 from introvae_jax import models  # pylint: disable=g-import-not-at-top
+from introvae_jax import objectives  # pylint: disable=g-import-not-at-top
 import xla_cost  # pylint: disable=g-import-not-at-top  (bench/, beside this file)
 
 config_flags.DEFINE_config_file(
@@ -147,9 +148,9 @@ def main(argv):
   chip = hardware.chip_key(jax.devices()[0].device_kind)
   if model:
     enc, dec = hardware.forward_flops(config)
-    print(f'model FLOPs   {model / 1e9:.1f} GFLOP/step ('
-          f'{hardware.ENCODER_PASSES} encoder + {hardware.DECODER_PASSES} '
-          f'decoder forwards of {enc / 1e9:.3f} / {dec / 1e9:.3f} GFLOP per '
+    passes_e, passes_g = objectives.get(config.objective).PASSES
+    print(f'model FLOPs   {model / 1e9:.1f} GFLOP/step ({passes_e} encoder + '
+          f'{passes_g} decoder forwards of {enc / 1e9:.3f} / {dec / 1e9:.3f} GFLOP per '
           'image)')
   rates = {}
   for engine in _ENGINES.value:

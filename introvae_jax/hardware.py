@@ -11,6 +11,7 @@ import re
 from typing import Dict, Optional, Tuple
 
 from introvae_jax import models
+from introvae_jax import objectives
 from introvae_jax.errors import UserError
 
 
@@ -55,19 +56,6 @@ TPUS = ('v4', 'v5e', 'v5p', 'v6e')
 # BF16_BF16_F32_X6 there). bfloat16 inputs take one pass at any precision.
 TPU_PASSES = {'default': 1, 'high': 3, 'highest': 6}
 
-# The exact iteration's model FLOPs per example (step.py, mode='reference'),
-# in forward-pass equivalents (a backward is one forward for the input
-# gradient plus one for the weight gradient):
-#   encoder: E(x) fwd + both grads (3); E-step on the two fakes, fwd + both
-#     grads each (6); G-step with the updated E on the two fakes, fwd + input
-#     grad each (4): 13.
-#   decoder: G(z_p), G(z) fwd (2); the encoder's gradient through z, the
-#     input gradient of G(z) only (1); the G-step, both grads of both calls
-#     (4): 7. The authors' PyTorch loop runs 8 (it back-propagates the
-#     reconstruction through the decoder's weights twice); XLA's count of
-#     this project's step matches 13 + 7 (README, "Performance").
-ENCODER_PASSES = 13
-DECODER_PASSES = 7
 
 
 def chip_named(name: str) -> Chip:
@@ -152,14 +140,25 @@ def forward_flops(config, exact_taps: bool = False) -> Tuple[int, int]:
   return enc, dec
 
 
+def mlp_forward_flops(config) -> Tuple[int, int]:
+  """(encoder, decoder) forward FLOPs per point of the 2-D MLPs: 2*in*out
+  per dense layer."""
+  widths = (config.data_dim,) + tuple(config.mlp_hidden) + (2 * config.hdim,)
+  enc = sum(2 * a * b for a, b in zip(widths, widths[1:]))
+  widths = ((config.hdim,) + tuple(reversed(tuple(config.mlp_hidden)))
+            + (config.data_dim,))
+  return enc, sum(2 * a * b for a, b in zip(widths, widths[1:]))
+
+
 def analytic_flops(config, batch: int, exact_taps: bool = False) -> int:
-  """Model FLOPs of one reference iteration on `batch` examples (the MFU
-  numerator: remat's recomputation is not model work). The MLP toy model is
-  not counted (0)."""
-  if config.arch != 'conv':
-    return 0
-  enc, dec = forward_flops(config, exact_taps)
-  return batch * (ENCODER_PASSES * enc + DECODER_PASSES * dec)
+  """Model FLOPs of one iteration of `config.objective` on `batch` examples
+  (the MFU numerator: remat's recomputation is not model work): forward
+  FLOPs times the objective's passes (`PASSES`, in forward-pass
+  equivalents)."""
+  enc, dec = (forward_flops(config, exact_taps) if config.arch == 'conv'
+              else mlp_forward_flops(config))
+  passes_e, passes_g = objectives.get(config.objective).PASSES
+  return batch * (passes_e * enc + passes_g * dec)
 
 
 def mfu(config, per_device_batch: int, step_seconds: float,

@@ -12,7 +12,7 @@ read back, per device:
 * precision: float32 products at `config.precision` take 6 ('highest'), 3
   ('high') or 1 ('default') bfloat16 MXU passes (`hardware.TPU_PASSES`);
 * FLOPs per step from XLA (with remat's recomputation) and the analytic
-  model FLOPs of the IntroVAE reference iteration (`hardware`);
+  model FLOPs of the objective's iteration (`hardware`);
 * the roofline step time max(FLOPs x passes / bf16 peak, bytes / bandwidth)
   and images/s: a lower bound from the chip's peaks, not a measured time;
 * with --fit, the largest batch per device that fits, from a memory line
@@ -261,8 +261,7 @@ def report(config, topology_name: str, compiled=None) -> str:
       f'peak: {gib(peak)} of {chip.hbm_gib} GiB ({100 * peak / hbm:.1f}%, '
       f'{100 * (1 - peak / hbm):.1f}% free)',
       f"FLOPs per step per chip: XLA {f['xla_flops']:.4g}, model "
-      f"{f['model_flops']:.4g} (ratio "
-      f"{f['xla_flops'] / f['model_flops'] if f['model_flops'] else float('nan'):.3f})",
+      f"{f['model_flops']:.4g} (ratio {f['xla_flops'] / f['model_flops']:.3f})",
       f"roofline step time: {ms(f['t'])} (compute {ms(f['t_compute'])} at "
       f"{f['passes']} pass{'es' if f['passes'] > 1 else ''}, HBM "
       f"{ms(f['t_hbm'])} for XLA's {f['bytes'] / GIB:.3f} GiB accessed), "

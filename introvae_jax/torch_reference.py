@@ -1,4 +1,5 @@
-"""The authors' PyTorch IntroVAE, restated for parity tests and benchmarks.
+"""The authors' PyTorch IntroVAE (and Soft-IntroVAE's iteration), restated
+for parity tests and benchmarks.
 
 Test and benchmark only: this module imports torch (requirements-dev.txt) and
 nothing on the training path imports it. It restates hhb072/IntroVAE
@@ -176,13 +177,15 @@ def _grads(module: nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def vae_iteration(model: IntroVAE, opt_e, opt_g, x, eps, *,
-                  keep_grads: bool = True) -> dict:
-  """One warm-up iteration (reference `train_vae`): loss = L_AE + KL, both step."""
+                  keep_grads: bool = True, weight_rec: float = 1.0,
+                  weight_kl: float = 1.0) -> dict:
+  """One warm-up iteration (reference `train_vae`): loss = L_AE + KL, both
+  step (Soft-IntroVAE's warm-up: beta_rec * L_AE + beta_kl * KL)."""
   mu, logvar = model.encoder(x)
   x_rec = model.decoder(reparameterize(mu, logvar, eps))
   loss_rec = reconstruction_loss(x, x_rec).mean()
   kl_real = kl_divergence(mu, logvar).mean()
-  loss = loss_rec + kl_real
+  loss = weight_rec * loss_rec + weight_kl * kl_real
   opt_g.zero_grad()
   opt_e.zero_grad()
   loss.backward()
@@ -287,6 +290,100 @@ def iteration(model: IntroVAE, opt_e, opt_g, x, eps, z_p, config, step: int,
     kwargs.pop('full_backward', None)
     return vae_iteration(model, opt_e, opt_g, x, eps, **kwargs)
   return introspective_iteration(model, opt_e, opt_g, x, eps, z_p, config,
+                                 **kwargs)
+
+
+def _trainable(module: nn.Module, flag: bool) -> None:
+  for p in module.parameters():
+    p.requires_grad = flag
+
+
+def soft_introvae_iteration(model: IntroVAE, opt_e, opt_g, x, noise, config,
+                            *, keep_grads: bool = True) -> dict:
+  """One Soft-IntroVAE iteration, call by call as taldatech/soft-intro-vae-
+  pytorch `train_soft_intro_vae.py` (b6dbf16, l. 542-624), with its six
+  random draws injected: `noise` maps 'eps', 'z_p', 'eps_rec', 'eps_fake'
+  (E step), 'eps_rec_g', 'eps_fake_g' (D step) to [B, hdim] tensors. The
+  networks are whatever `model` holds (the objective does not depend on the
+  block variant). Returns the loss terms (detached) and, with `keep_grads`,
+  the gradients each optimiser stepped on.
+  """
+  hp = config.soft_introvae
+  b_rec, b_kl, b_neg, gamma_r = hp.beta_rec, hp.beta_kl, hp.beta_neg, hp.gamma_r
+  scale = 1 / x[0].numel()
+  out = {}
+  # ---- Encoder update (l. 551-589): the decoder frozen.
+  _trainable(model.encoder, True)
+  _trainable(model.decoder, False)
+  fake = model.decoder(noise['z_p'])
+  mu, logvar = model.encoder(x)
+  z = reparameterize(mu, logvar, noise['eps'])
+  rec = model.decoder(z)
+  loss_rec = reconstruction_loss(x, rec).mean()
+  kl_real = kl_divergence(mu, logvar).mean()
+  rec_mu, rec_logvar = model.encoder(rec.detach())
+  rec_rec = model.decoder(reparameterize(rec_mu, rec_logvar, noise['eps_rec']))
+  fake_mu, fake_logvar = model.encoder(fake.detach())
+  rec_fake = model.decoder(reparameterize(fake_mu, fake_logvar,
+                                          noise['eps_fake']))
+  kl_rec = kl_divergence(rec_mu, rec_logvar)
+  kl_fake = kl_divergence(fake_mu, fake_logvar)
+  # The target `rec` is not detached (their `loss_rec_rec_e`).
+  err_rec = reconstruction_loss(rec, rec_rec)
+  err_fake = reconstruction_loss(fake, rec_fake)
+  expelbo_rec = (-2 * scale * (b_rec * err_rec + b_neg * kl_rec)).exp().mean()
+  expelbo_fake = (-2 * scale * (b_rec * err_fake + b_neg * kl_fake)).exp().mean()
+  loss_e = (scale * (b_rec * loss_rec + b_kl * kl_real)
+            + 0.25 * (expelbo_rec + expelbo_fake))
+  opt_e.zero_grad()
+  loss_e.backward()
+  if keep_grads:
+    out.update(grads_e=_grads(model.encoder))
+  opt_e.step()
+
+  # ---- Decoder update (l. 591-624): the encoder frozen, after its step.
+  _trainable(model.encoder, False)
+  _trainable(model.decoder, True)
+  fake = model.decoder(noise['z_p'])
+  rec = model.decoder(z.detach())
+  loss_rec_g = reconstruction_loss(x, rec).mean()
+  rec_mu, rec_logvar = model.encoder(rec)
+  z_rec = reparameterize(rec_mu, rec_logvar, noise['eps_rec_g'])
+  fake_mu, fake_logvar = model.encoder(fake)
+  z_fake = reparameterize(fake_mu, fake_logvar, noise['eps_fake_g'])
+  rec_rec = model.decoder(z_rec.detach())
+  rec_fake = model.decoder(z_fake.detach())
+  loss_rec_rec = reconstruction_loss(rec.detach(), rec_rec).mean()
+  loss_fake_rec = reconstruction_loss(fake.detach(), rec_fake).mean()
+  kl_rec_g = kl_divergence(rec_mu, rec_logvar).mean()
+  kl_fake_g = kl_divergence(fake_mu, fake_logvar).mean()
+  loss_g = scale * (b_rec * loss_rec_g + 0.5 * b_kl * (kl_rec_g + kl_fake_g)
+                    + gamma_r * 0.5 * b_rec * (loss_rec_rec + loss_fake_rec))
+  opt_g.zero_grad()
+  loss_g.backward()
+  if keep_grads:
+    out.update(grads_g=_grads(model.decoder))
+  opt_g.step()
+  _trainable(model.encoder, True)
+
+  out.update(loss_rec=loss_rec, kl_real=kl_real, kl_rec=kl_rec.mean(),
+             kl_fake=kl_fake.mean(), kl_rec_g=kl_rec_g, kl_fake_g=kl_fake_g,
+             expelbo_rec=expelbo_rec, expelbo_fake=expelbo_fake,
+             loss_rec_rec=loss_rec_rec, loss_fake_rec=loss_fake_rec,
+             loss_e=loss_e, loss_g=loss_g)
+  return {k: v.detach() if torch.is_tensor(v) else v for k, v in out.items()}
+
+
+def soft_introvae_step(model: IntroVAE, opt_e, opt_g, x, noise, config,
+                       step: int, **kwargs) -> dict:
+  """Their warm-up (one joint step of beta_rec * L_AE + beta_kl * KL, no
+  scale; l. 512-533) while `step < config.num_vae_steps`, else the
+  Soft-IntroVAE iteration."""
+  if step < config.num_vae_steps:
+    hp = config.soft_introvae
+    return vae_iteration(model, opt_e, opt_g, x, noise['eps'],
+                         weight_rec=hp.beta_rec, weight_kl=hp.beta_kl, **kwargs)
+  return soft_introvae_iteration(model, opt_e, opt_g, x, noise, config,
                                  **kwargs)
 
 

@@ -59,6 +59,16 @@ def test_peak_follows_the_runs_arithmetic_and_mfu_is_its_share():
       flops / (2e-6 * 156e12))
 
 
+def test_analytic_flops_of_the_mlp_by_hand():
+  c = tiny_config()
+  c.arch, c.data_dim, c.hdim, c.mlp_hidden = 'mlp', 2, 2, (8, 4)
+  # Encoder 2->8->4->4 (mu, logvar); decoder 2->4->8->2.
+  enc = 2 * (2 * 8 + 8 * 4 + 4 * 4)
+  dec = 2 * (2 * 4 + 4 * 8 + 8 * 2)
+  assert hardware.mlp_forward_flops(c) == (enc, dec)
+  assert hardware.analytic_flops(c, 3) == 3 * (13 * enc + 7 * dec)
+
+
 def test_memory_line_through_two_points():
   a, b = plan.fit_line([(1, 3 * GIB), (3, 7 * GIB)])
   assert (a, b) == (1 * GIB, 2 * GIB)
@@ -78,8 +88,12 @@ def test_analytic_flops_of_a_one_level_model_by_hand():
          + 2 * 64 * 4 * 3 * 25)
   assert (enc, dec) == (48640, 84992)
   assert hardware.forward_flops(c) == (enc, dec)
-  # 13 encoder and 7 decoder forward-equivalents per example (hardware.py).
+  # 13 encoder and 7 decoder forward-equivalents per example (IntroVAE),
+  # 13 and 17 (Soft-IntroVAE), 5 and 4 (VAE); objectives/*.py PASSES.
   assert hardware.analytic_flops(c, 4) == 4 * (13 * enc + 7 * dec)
+  for name, (p_e, p_g) in (('soft_introvae', (13, 17)), ('vae', (5, 4))):
+    c.objective = name
+    assert hardware.analytic_flops(c, 4) == 4 * (p_e * enc + p_g * dec)
   # Without the taps on 'SAME' padding: per axis, a 5-tap kernel over 8
   # pixels lands 3+4+5*4+4+3 = 34 times inside; a 3-tap one over 4 pixels
   # 2+3+3+2 = 10, over 8 pixels 2+3*6+2 = 22.

@@ -7,6 +7,8 @@ An objective is a module with
   slices each device's rows, or takes them injected as `noise=`);
 - `FUSED`: whether it has a `mode='fused'` form (validation refuses it
   otherwise);
+- `PASSES`: (encoder, decoder) model FLOPs per example in forward-pass
+  equivalents (`hardware.analytic_flops`, the MFU numerator);
 - `READS`: the config fields it reads beyond the model, data and optimisers
   (compare cells ignore changes to the others);
 - `update(nets, state, x, noise, config, axis_name)` -> `(new, metrics)`,

@@ -28,6 +28,16 @@ from introvae_jax.objectives import base
 
 NOISE = ('eps', 'z_p')
 FUSED = True
+# Model FLOPs per example in forward-pass equivalents (a backward is one
+# forward for the input gradient plus one for the weight gradient), reference
+# mode: encoder: E(x) fwd + both grads (3); the E-step on the two fakes, fwd +
+# both grads each (6); the G-step with E' on the two fakes, fwd + input grad
+# each (4): 13. Decoder: G(z_p), G(z) fwd (2); the encoder's gradient through
+# z, input grad of G(z) (1); the G-step, both grads of both calls (4): 7. The
+# authors' loop runs 8 (it back-propagates the reconstruction through the
+# decoder's weights twice); XLA's count of this step matches 13 + 7 (README,
+# "Performance").
+PASSES = (13, 7)
 READS = frozenset({'mode', 'm_plus', 'weight_rec', 'weight_kl', 'weight_neg',
                    'num_vae_steps', 'vae_weight_rec', 'vae_weight_kl'})
 

@@ -42,6 +42,13 @@ from introvae_jax.objectives import base
 
 NOISE = ('eps', 'z_p', 'eps_rec', 'eps_fake', 'eps_rec_g', 'eps_fake_g')
 FUSED = False
+# Model FLOPs per example in forward-pass equivalents (as in introvae.py):
+# encoder: E(x) 3, E(x_r) and E(x_p) in the E-step 3 each, E' on both in the
+# D-step fwd + input grad 2 each: 13. Decoder: G(z_p), G(z) fwd 2; the
+# E-step's input grad of G(z) 1; G(z_rr), G(z_pr) fwd + input grad 2 each;
+# the D-step's both grads of G(z_p), G(z) 4; G(z_rr'), G(z_pr') fwd + both
+# grads 3 each: 17.
+PASSES = (13, 17)
 READS = frozenset({'num_vae_steps', 'soft_introvae.beta_rec',
                    'soft_introvae.beta_kl', 'soft_introvae.beta_neg',
                    'soft_introvae.gamma_r'})

@@ -20,6 +20,9 @@ from introvae_jax.objectives import base
 
 NOISE = ('eps', 'z_p')
 FUSED = False
+# Forward-pass equivalents per example: encoder E(x) fwd + both grads (3) and
+# the two measuring calls (2); decoder G(z) 3 and G(z_p) 1.
+PASSES = (5, 4)
 READS = frozenset({'vae_weight_rec', 'vae_weight_kl'})
 
 
