@@ -1,10 +1,12 @@
-"""Soft-IntroVAE's 2-D toy suite with the IntroVAE objective (docs: section 5).
+"""Soft-IntroVAE's 2-D toy suite (docs/introvae.md, section 6).
 
-`python -m introvae_jax.toy2d --config=configs/toy2d.py:rings --workdir=...`;
+`python -m introvae_jax.toy2d --config=configs/toy2d.py:rings --workdir=...`
+(add `--config.objective=soft_introvae` for Soft-IntroVAE, with its betas);
 the part after ':' picks the data set (8gaussians, 2spirals, checkerboard,
 rings; default 8gaussians). MLP 2-256-256-256-(2x2) and its mirror, zdim 2,
 batch 512, 30,000 iterations, Adam 2e-4 with x0.1 at 10k and 15k, 2,000
-plain-VAE warm-up iterations.
+plain-VAE warm-up iterations. Each data set carries IntroVAE's tuned weights
+and Soft-IntroVAE's recommended betas (toy2d.HPARAMS, SOFT_HPARAMS).
 """
 
 from introvae_jax.toy2d import toy_config

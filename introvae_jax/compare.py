@@ -5,12 +5,11 @@
 
 Each (objective, seed) cell is an ordinary training run
 (`train.train_and_evaluate`) in `<workdir>/<objective>_seed<k>`, so it resumes
-and shows progress, then evaluated by `evaluation.evaluate_workdir`. `vae` is
-the same config with the plain-VAE warm-up over every step
-(`num_vae_steps = num_train_steps`); `betavae` is that VAE with the recipe's
-`weight_rec`/`weight_kl` (the ablation that separates the reconstruction
-weight from the introspective terms); `introvae` is the config as given. There
-is no second code path.
+and shows progress, then evaluated by `evaluation.evaluate_workdir`. A cell
+is the config with `objective` set: `vae`, `introvae`, `soft_introvae` (the
+registry, `introvae_jax.objectives`), or `betavae`, the `vae` objective with
+the recipe's `weight_rec`/`weight_kl` (the ablation that separates the
+reconstruction weight from the introspective terms).
 
 Each cell's results go to `<results>/<objective>_seed<k>.json` (metrics, the
 KL statistics over training, its config) with its sample and reconstruction
@@ -30,19 +29,23 @@ import numpy as np
 
 from introvae_jax import configuration
 from introvae_jax import errors
+from introvae_jax import objectives as objectives_lib
 from introvae_jax import sampling
 from introvae_jax import workdir as workdir_lib
 
-OBJECTIVES = ('vae', 'introvae', 'betavae')
-# Fields a cell never reads, by objective: `vae` trains the reference warm-up
-# (L_AE + KL) at every step, `betavae` the warm-up with the recipe's weight_rec
-# and weight_kl (a beta-VAE, beta = weight_kl / weight_rec), neither with the
-# hinge (step._update). Changing them keeps the cell's results valid, so one
-# baseline serves every IntroVAE recipe of a search.
+# Cells: every registered objective, and `betavae`: the `vae` objective
+# weighted like the IntroVAE recipe (vae_weight_rec/kl = weight_rec/kl, a
+# beta-VAE with beta = weight_kl / weight_rec; the ablation that separates
+# the reconstruction weight from the introspective terms).
+OBJECTIVES = tuple(objectives_lib.REGISTRY) + ('betavae',)
+_OBJECTIVE_FIELDS = frozenset().union(
+    *(o.READS for o in objectives_lib.REGISTRY.values()))
+# Fields a cell never reads, by cell: changing them keeps the cell's results
+# valid, so one baseline serves every recipe of a search.
 UNREAD = {
-    'vae': frozenset({'m_plus', 'weight_neg', 'weight_rec', 'weight_kl'}),
-    'betavae': frozenset({'m_plus', 'weight_neg'}),
-    'introvae': frozenset(),
+    **{name: _OBJECTIVE_FIELDS - o.READS
+       for name, o in objectives_lib.REGISTRY.items()},
+    'betavae': _OBJECTIVE_FIELDS - {'weight_rec', 'weight_kl'},
 }
 # Metrics where lower is better; rec_psnr is higher-is-better; KLs have no
 # direction (they are the introspective signal, not a quality).
@@ -57,23 +60,24 @@ def cell_name(objective: str, seed: int) -> str:
 
 
 def cell_config(config, objective: str, seed: int):
-  """The training config of one cell: `config` with `seed`; for `vae` the
-  warm-up over every step, for `betavae` that warm-up weighted like the recipe
-  (vae_weight_rec/kl = weight_rec/kl)."""
+  """The training config of one cell: `config` with `seed` and the cell's
+  objective (`betavae`: `vae` with vae_weight_rec/kl = weight_rec/kl); an
+  objective without a fused form runs in reference mode."""
   if objective not in OBJECTIVES:
     raise errors.UserError(f'Unknown objective {objective!r}; use one of '
                            f'{", ".join(OBJECTIVES)}.')
   cell = config.copy_and_resolve_references()
   with cell.unlocked():
     cell.seed = seed
-    if objective in ('vae', 'betavae'):
-      cell.num_vae_steps = cell.num_train_steps
-      if objective == 'betavae':
-        cell.vae_weight_rec, cell.vae_weight_kl = cell.weight_rec, cell.weight_kl
-    elif cell.num_vae_steps >= cell.num_train_steps:
+    cell.objective = 'vae' if objective == 'betavae' else objective
+    if objective == 'betavae':
+      cell.vae_weight_rec, cell.vae_weight_kl = cell.weight_rec, cell.weight_kl
+    if not objectives_lib.get(cell.objective).FUSED:
+      cell.mode = 'reference'
+    if cell.objective != 'vae' and cell.num_vae_steps >= cell.num_train_steps:
       raise errors.UserError(
-          f'objective introvae: num_vae_steps={cell.num_vae_steps} covers all '
-          f'num_train_steps={cell.num_train_steps}, so it is a VAE; lower '
+          f'objective {objective}: num_vae_steps={cell.num_vae_steps} covers '
+          f'all num_train_steps={cell.num_train_steps}, so it is a VAE; lower '
           '--config.num_vae_steps.')
   return cell.lock()
 
@@ -264,8 +268,8 @@ def figure(cells: List[dict], objectives: Sequence[str], results: epath.Path,
            m_plus: float) -> str:
   """figure.png: per objective, its first seed's samples (same prior noise)
   and reconstructions (same held-out images), and the KL of real /
-  reconstructed / sampled images over training (mean over seeds) against
-  m_plus."""
+  reconstructed / sampled images over training (mean over seeds), with
+  IntroVAE's margin m_plus in its own panel."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
@@ -303,7 +307,8 @@ def figure(cells: List[dict], objectives: Sequence[str], results: epath.Path,
       runs = [c['kl_history'][tag] for c in mine
               if c['kl_history']['step'] == steps]
       ax.plot(steps, np.mean(runs, axis=0), color=color, label=tag)
-    ax.axhline(m_plus, color='k', ls='--', lw=1, label='m_plus')
+    if objective == 'introvae':
+      ax.axhline(m_plus, color='k', ls='--', lw=1, label='m_plus')
     warm = mine[0]['config']['num_vae_steps']
     if warm < mine[0]['step']:
       ax.axvline(warm, color='gray', ls=':', lw=1, label='end of warm-up')

@@ -106,7 +106,7 @@ class Conv(nn.Module):
   """Stride-1 'SAME' convolution, HWIO `kernel` (+ `bias`) as in `nn.Conv`.
 
   `impl='im2col'` computes the same result as one matrix multiply over the
-  k*k shifted copies of the input (docs: introvae.md 3d); the parameters are
+  k*k shifted copies of the input (docs/introvae.md, section 3d); the parameters are
   identical either way, so checkpoints do not depend on the choice. XLA's own
   convolution ('xla') is the default on every backend: on this project's
   AMD EPYC (Zen 4) CPUs it also beats im2col (64 px reference step, batch

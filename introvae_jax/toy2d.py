@@ -1,9 +1,11 @@
-"""The 2-D toy suite of Soft-IntroVAE, trained with the IntroVAE objective.
+"""The 2-D toy suite of Soft-IntroVAE, for any objective (`config.objective`).
 
 Data sets, schedule and metrics follow Soft-IntroVAE (Daniel & Tamar, CVPR
-2021, taldatech/soft-intro-vae-pytorch `soft_intro_vae_2d`); docs: introvae.md
-section 5. The model is the project's MLP encoder/decoder (`arch='mlp'`) and
-the objective is `step.train_step`, unchanged.
+2021, taldatech/soft-intro-vae-pytorch `soft_intro_vae_2d`); docs/introvae.md,
+section 6. The model is the project's MLP encoder/decoder (`arch='mlp'`) and
+the step is `step.train_step`, unchanged; each data set carries IntroVAE's
+tuned weights (`HPARAMS`) and Soft-IntroVAE's recommended betas
+(`SOFT_HPARAMS`).
 
     python -m introvae_jax.toy2d --dataset=8gaussians --workdir=/tmp/toy
     python -m introvae_jax.toy2d --config=configs/toy2d.py:rings --config.m_plus=5
@@ -61,6 +63,17 @@ HPARAMS = {
 }
 
 
+# Soft-IntroVAE's recommended betas per data set (beta_kl, beta_rec,
+# beta_neg; taldatech/soft-intro-vae-pytorch `soft_intro_vae_2d/README.md`,
+# "Recommended hyperparameters", and `main.py` l. 13-16), gamma_r 1e-8.
+SOFT_HPARAMS = {
+    '8gaussians': dict(beta_kl=0.3, beta_rec=0.2, beta_neg=0.9),
+    '2spirals': dict(beta_kl=0.5, beta_rec=0.2, beta_neg=1.0),
+    'checkerboard': dict(beta_kl=0.1, beta_rec=0.2, beta_neg=0.2),
+    'rings': dict(beta_kl=0.2, beta_rec=0.2, beta_neg=1.0),
+}
+
+
 def canonical_name(dataset: str) -> str:
   """'8Gaussians' (the reference's spelling) -> '8gaussians', checked."""
   name = dataset.lower()
@@ -81,6 +94,7 @@ def toy_config(dataset: str = '8gaussians') -> ml_collections.ConfigDict:
   c.log_every_steps = 1_000
   for field, value in HPARAMS[name].items():
     setattr(c, field, value)
+  c.soft_introvae.update(SOFT_HPARAMS[name], gamma_r=1e-8)
   with c.unlocked():
     c.toy = ml_collections.ConfigDict(dict(
         dataset=name,

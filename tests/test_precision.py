@@ -9,7 +9,7 @@ float32 step, over 3 steps of a small model (16 px, widths (8, 16)):
 - losses and KLs: within 3% relative at every step;
 - parameters: within Adam's per-step movement, |delta| <= 3 steps * 2 * lr
   (an elementwise sign flip of a tiny gradient moves a weight by 2 lr; see
-  docs introvae.md 3b), and on average far below it.
+  docs/introvae.md, section 3b), and on average far below it.
 remat recomputes block activations in the backward pass: the same function,
 so the same numbers.
 

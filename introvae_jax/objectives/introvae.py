@@ -1,15 +1,16 @@
 """IntroVAE (Huang et al., NeurIPS 2018): the authors' iteration, exactly.
 
-hhb072/IntroVAE `main.py` (paper Algorithm 1); the method, with every
-formula and its source line: docs/introvae.md, sections 2-4.
+hhb072/IntroVAE at c8ce5d2, `main.py` (paper Algorithm 1); the method, with
+every formula and its source line: docs/introvae.md, sections 2-4.
 
-1. encoder update on L_E, with ng(.) = `jax.lax.stop_gradient` on the
-   reconstructions and prior samples it sees as fakes;
-2. decoder update on L_G, whose KLs come from the *updated* encoder, plus the
-   w_rec * L_AE gradient the reference keeps (it never zeroes the decoder's
-   gradient between its two backward passes).
+1. encoder update on L_E (l. 181-201), with ng(.) = `jax.lax.stop_gradient`
+   on the reconstructions and prior samples it sees as fakes;
+2. decoder update on L_G (l. 204-215), whose KLs come from the *updated*
+   encoder, plus the w_rec * L_AE gradient the reference keeps (its
+   `optimizerG.zero_grad()` is commented out, l. 212);
+3. warm-up (`num_vae_steps`, `train_vae`, l. 129-153): L_AE + KL for both.
 
-Nothing is computed twice (docs/introvae.md, section 4.2): one VJP of the
+Nothing is computed twice (docs/introvae.md, section 3c): one VJP of the
 two decoder calls serves both the reconstruction cotangent and the G-step
 cotangents, and the G step differentiates the updated encoder with respect
 to its inputs only. BatchNorm runs in train mode for every call, each
