@@ -41,19 +41,24 @@ def test_summaries_and_contrasts_by_hand():
   assert row == '| modes_covered | 0 +- 0 | 8 +- 0 | n/a, n/a |'
 
 
-def test_vae_cell_is_the_same_run_with_warmup_everywhere():
+def test_vae_cell_is_the_vae_objective():
   config = tiny_config(num_train_steps=7, num_vae_steps=2, m_plus=9.0)
   vae = compare.cell_config(config, 'vae', 3)
   intro = compare.cell_config(config, 'introvae', 3)
-  assert (vae.num_vae_steps, vae.seed) == (7, 3)
-  assert (intro.num_vae_steps, intro.seed) == (2, 3)
-  differ = {k for k in config if vae[k] != intro[k]}
-  assert differ == {'num_vae_steps'}
+  soft = compare.cell_config(config, 'soft_introvae', 3)
+  assert (vae.objective, vae.seed) == ('vae', 3)
+  assert (intro.objective, intro.num_vae_steps, intro.seed) == ('introvae', 2, 3)
+  assert soft.objective == 'soft_introvae'
+  assert {k for k in config if vae[k] != intro[k]} == {'objective'}
   with pytest.raises(errors.UserError, match='covers all num_train_steps'):
     compare.cell_config(tiny_config(num_train_steps=2, num_vae_steps=2),
                         'introvae', 0)
   with pytest.raises(errors.UserError, match="Unknown objective 'gan'"):
     compare.cell_config(config, 'gan', 0)
+  # A fused recipe: the objectives without a fused form run in reference mode.
+  fused = tiny_config(num_train_steps=7, mode='fused')
+  assert compare.cell_config(fused, 'introvae', 0).mode == 'fused'
+  assert compare.cell_config(fused, 'soft_introvae', 0).mode == 'reference'
 
 
 def test_betavae_cell_is_the_vae_with_the_recipes_weights():
@@ -61,11 +66,24 @@ def test_betavae_cell_is_the_vae_with_the_recipes_weights():
                        weight_kl=0.5)
   beta = compare.cell_config(config, 'betavae', 1)
   vae = compare.cell_config(config, 'vae', 1)
-  assert (beta.num_vae_steps, beta.vae_weight_rec, beta.vae_weight_kl) == (
-      7, 4.0, 0.5)
+  assert (beta.objective, beta.vae_weight_rec, beta.vae_weight_kl) == (
+      'vae', 4.0, 0.5)
   assert (vae.vae_weight_rec, vae.vae_weight_kl) == (1.0, 1.0)
   assert {k for k in config if beta[k] != vae[k]} == {'vae_weight_rec',
                                                       'vae_weight_kl'}
+
+
+def test_cells_stored_before_the_objective_field_are_still_valid(tmp_path):
+  """The committed results: a `vae` cell then ran IntroVAE's warm-up over
+  every step (num_vae_steps = num_train_steps) and stored no `objective`."""
+  config = tiny_config(num_train_steps=7, num_vae_steps=2)
+  for name in ('vae', 'betavae', 'introvae'):
+    stored = compare._as_json(compare.cell_config(config, name, 0))
+    del stored['objective'], stored['soft_introvae']
+    if name != 'introvae':
+      stored['num_vae_steps'] = 7
+    compare._check_stored(tmp_path / 'c.json', dict(config=stored),
+                          compare.cell_config(config, name, 0), name)
 
 
 @pytest.mark.parametrize('objective,field,value,refused', [
@@ -74,6 +92,9 @@ def test_betavae_cell_is_the_vae_with_the_recipes_weights():
     ('betavae', 'm_plus', 6.0, False), ('betavae', 'weight_neg', 0.1, False),
     ('betavae', 'weight_rec', 2.0, True),
     ('introvae', 'm_plus', 6.0, True), ('introvae', 'vae_weight_rec', 2.0, True),
+    ('soft_introvae', 'm_plus', 6.0, False),
+    ('soft_introvae', 'num_vae_steps', 3, True),
+    ('vae', 'num_vae_steps', 3, False),
 ])
 def test_stored_cell_is_refused_only_for_fields_its_objective_reads(
     tmp_path, objective, field, value, refused):
@@ -191,24 +212,28 @@ def test_toy_cells_go_through_the_toy_protocol(tmp_path):
   config.toy.num_eval_points, config.toy.grid_points = 500, 32
   config.toy.num_elbo_points, config.toy.num_plot_points = 200, 64
   results = tmp_path / 'results'
-  summary = compare.compare(config, ['vae', 'introvae'], [0],
+  summary = compare.compare(config, ['vae', 'introvae', 'soft_introvae'], [0],
                             str(tmp_path / 'runs'), str(results))
   vae = json.load(open(results / 'vae_seed0.json'))
-  assert vae['config']['num_vae_steps'] == 40
+  assert vae['config']['objective'] == 'vae'
   assert vae['kl_history']['step'] == [20, 30, 40]
+  soft = json.load(open(results / 'soft_introvae_seed0.json'))
+  assert soft['config']['soft_introvae']['beta_neg'] == 0.9  # 8 Gaussians
+  assert summary['metrics']['jsd']['soft_introvae']['n'] == 1
   assert 0 <= vae['metrics']['modes_covered'] <= 8
   assert summary['metrics']['jsd']['introvae']['n'] == 1
   assert (results / 'introvae_seed0_samples.png').exists()
   assert (results / 'figure.png').exists()
   assert (results / 'table.md').read_text().startswith(
-      '# vae vs introvae, 8gaussians, 40 steps\n')
+      '# vae vs introvae vs soft_introvae, 8gaussians, 40 steps\n')
   # --notrain: the tables from the stored cells alone; seed 1 is not run.
   os.remove(results / 'table.json')
   partial = compare.compare(config, ['vae', 'introvae'], [0, 1],
                             str(tmp_path / 'runs'), str(results), train=False)
   assert not (tmp_path / 'runs' / 'vae_seed1').exists()
   assert partial['seeds'] == {'vae': [0], 'introvae': [0]}
-  assert partial['metrics']['kl'] == summary['metrics']['kl']
+  assert partial['metrics']['kl'] == {
+      o: summary['metrics']['kl'][o] for o in ('vae', 'introvae')}
   assert json.load(open(results / 'table.json'))['seeds'] == partial['seeds']
   with pytest.raises(errors.UserError, match='No stored results .* for '
                      r'objective\(s\) vae; run them without --notrain'):

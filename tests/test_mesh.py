@@ -24,7 +24,7 @@ import pytest
 import introvae_jax
 from conftest import (assert_trees_close, in_subprocess, initial_state,
                       jitted_step, tiny_batch, tiny_config, to_numpy)
-from introvae_jax import checkpointing, parallel
+from introvae_jax import checkpointing, objectives, parallel
 from test_pmap import DEVICES, FOUR_DEVICES, config_for
 import train_utils
 
@@ -61,9 +61,12 @@ def run_mesh(config, state, xs):
 
 
 @MESH_X64
+@pytest.mark.parametrize('objective', sorted(objectives.REGISTRY))
 @pytest.mark.parametrize('model', ['mlp', 'conv_sync_bn'])
-def test_mesh_step_equals_single_device_step_float64(model):
-  config, state = float64_setup(model)
+def test_mesh_step_equals_single_device_step_float64(model, objective):
+  """Every objective: the shell draws its noise for the global batch, so 4
+  devices give the single device's numbers."""
+  config, state = float64_setup(model, objective=objective)
   xs = batches(config)
   mesh_state, mesh_metrics = run_mesh(config, state, xs)
   single = state
