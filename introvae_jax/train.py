@@ -41,6 +41,7 @@ from introvae_jax import configuration
 from introvae_jax import evaluation
 from introvae_jax import hardware
 from introvae_jax import input_pipeline
+from introvae_jax import objectives
 from introvae_jax import parallel
 from introvae_jax import plan
 from introvae_jax import sampling
@@ -88,18 +89,20 @@ def _kept(last_good) -> str:
           'no checkpoint had been saved yet, so none is kept')
 
 
-def _check_finite(history: List[Tuple[int, Dict]], last_good) -> None:
-  """Raises NonFiniteLossError naming the first bad step and its terms."""
+def _check_finite(history: List[Tuple[int, Dict]], last_good,
+                  advice: str) -> None:
+  """Raises NonFiniteLossError naming the first bad step and its terms;
+  `advice` is the objective's (`DIVERGED`)."""
   for step, metrics in history:
     if metrics['finite'] < 1:
       raise NonFiniteLossError(
           f'Non-finite values at step {step}: {_nonfinite(metrics)} became '
-          f'NaN/inf. Training stopped; {_kept(last_good)}. Lower lr_e/lr_g or '
-          'weight_rec, or set --config.on_nonfinite=skip to skip such updates.')
+          f'NaN/inf. Training stopped; {_kept(last_good)}. {advice}, or set '
+          '--config.on_nonfinite=skip to skip such updates.')
 
 
 def _count_skips(history: List[Tuple[int, Dict]], run: List[int], limit: int,
-                 last_good) -> None:
+                 last_good, advice: str) -> None:
   """Tracks the current run of skipped (non-finite) steps in `run` ([first
   step, length]); raises NonFiniteLossError once it reaches `limit`."""
   for step, metrics in history:
@@ -111,7 +114,7 @@ def _count_skips(history: List[Tuple[int, Dict]], run: List[int], limit: int,
       raise NonFiniteLossError(
           f'{limit} consecutive updates (steps {run[0]} to {step}) were '
           f'non-finite ({_nonfinite(metrics)}) and skipped. Training stopped; '
-          f'{_kept(last_good)}. Lower lr_e/lr_g or weight_rec, or raise '
+          f'{_kept(last_good)}. {advice}, or raise '
           '--config.max_consecutive_skips.')
 
 
@@ -414,6 +417,7 @@ def _train(config, workdir: str, manager) -> step_lib.TrainState:
   bar = tqdm.tqdm(total=config.num_train_steps, initial=start, unit='step',
                   disable=not (is_host0 and sys.stderr.isatty()))
   history: List[Tuple[int, Dict]] = []
+  objective = objectives.get(config.objective)
   skips = [0, 0]  # the current run of skipped steps: [first step, length]
 
   def flush(step):
@@ -422,9 +426,10 @@ def _train(config, workdir: str, manager) -> step_lib.TrainState:
             for s, m in history]
     history.clear()
     if config.on_nonfinite == 'stop':
-      _check_finite(host, last_good)
+      _check_finite(host, last_good, objective.DIVERGED)
     else:
-      _count_skips(host, skips, config.max_consecutive_skips, last_good)
+      _count_skips(host, skips, config.max_consecutive_skips, last_good,
+                   objective.DIVERGED)
     now = time.time()
     seconds, steps = now - clock[0], step - clock[1]
     clock[:] = now, step

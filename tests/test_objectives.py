@@ -180,3 +180,16 @@ def test_soft_introvae_three_iterations_match_in_float64():
     failures += [(i, what, err, name) for what, (err, name) in errs.items()
                  if err > 1e-7]
   assert not failures, failures
+
+
+def test_a_diverging_soft_introvae_run_gives_its_own_advice(tmp_path):
+  """The loop's one-line message names what to change for the objective:
+  for Soft-IntroVAE, beta_neg (its authors' advice for NaN), not IntroVAE's
+  weight_rec."""
+  from introvae_jax import train  # pylint: disable=g-import-not-at-top
+  config = tiny_config(objective='soft_introvae', num_train_steps=2,
+                       log_every_steps=1, image_every_steps=100)
+  config.soft_introvae.beta_kl = 1e38   # the real KL term overflows float32
+  with pytest.raises(train.NonFiniteLossError,
+                     match=r"step 1: .*Raise soft_introvae.beta_neg"):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))

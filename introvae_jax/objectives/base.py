@@ -5,6 +5,8 @@ An objective is a module with
 - `NOISE`: the names of the standard-normal draws [B, hdim] one iteration
   takes, in order (`step.train_step` draws them for the global batch and
   slices each device's rows, or takes them injected as `noise=`);
+- `DIVERGED`: what to change when a step turns non-finite (the training
+  loop's message);
 - `FUSED`: whether it has a `mode='fused'` form (validation refuses it
   otherwise);
 - `PASSES`: (encoder, decoder) model FLOPs per example in forward-pass

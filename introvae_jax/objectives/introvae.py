@@ -28,6 +28,8 @@ from introvae_jax import models
 from introvae_jax.objectives import base
 
 NOISE = ('eps', 'z_p')
+# What to change when a step diverges (the training loop's message).
+DIVERGED = 'Lower lr_e/lr_g or weight_rec'
 FUSED = True
 # Model FLOPs per example in forward-pass equivalents (a backward is one
 # forward for the input gradient plus one for the weight gradient), reference

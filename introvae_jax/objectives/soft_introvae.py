@@ -41,6 +41,9 @@ from introvae_jax import losses
 from introvae_jax.objectives import base
 
 NOISE = ('eps', 'z_p', 'eps_rec', 'eps_fake', 'eps_rec_g', 'eps_fake_g')
+# What to change when a step diverges (the training loop's message).
+DIVERGED = ("Raise soft_introvae.beta_neg (the authors' advice for NaN) or "
+            'lower lr_e/lr_g')
 FUSED = False
 # Model FLOPs per example in forward-pass equivalents (as in introvae.py):
 # encoder: E(x) 3, E(x_r) and E(x_p) in the E-step 3 each, E' on both in the

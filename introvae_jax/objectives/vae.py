@@ -19,6 +19,8 @@ from introvae_jax import losses
 from introvae_jax.objectives import base
 
 NOISE = ('eps', 'z_p')
+# What to change when a step diverges (the training loop's message).
+DIVERGED = 'Lower lr_e/lr_g or vae_weight_rec'
 FUSED = False
 # Forward-pass equivalents per example: encoder E(x) fwd + both grads (3) and
 # the two measuring calls (2); decoder G(z) 3 and G(z_p) 1.
