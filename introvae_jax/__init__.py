@@ -1,4 +1,4 @@
-"""IntroVAE (Huang et al., NeurIPS 2018) in JAX/Flax.
+"""IntroVAE (Huang et al., NeurIPS 2018) and Soft-IntroVAE in JAX/Flax.
 
 Public API::
 
@@ -7,9 +7,11 @@ Public API::
 
 The modules, by concern (imports run downwards only):
 
-- model, objective and step: `configuration`, `models`, `losses`, `step`
-  (`TrainState`, the pure `train_step`, `make_train_step`), `parallel` (the
-  device mesh, global arrays, input prefetch), `errors`;
+- model, objective and step: `configuration`, `models`, `losses`,
+  `objectives` (one module per objective: `introvae`, `soft_introvae`,
+  `vae`; the registry `config.objective` picks from), `step` (`TrainState`,
+  the pure `train_step` around the objective, `make_train_step`),
+  `parallel` (the device mesh, global arrays, input prefetch), `errors`;
 - the training program: `train` (`main.py`), `checkpointing`, `workdir`,
   `cache`, `cli`, and the tools `sample`, `compare`, `toy2d`;
 - data: `input_pipeline` (TFDS, image folders, built-in offline sets),
@@ -22,6 +24,7 @@ The modules, by concern (imports run downwards only):
   compiled for a TPU topology on any host: memory, roofline, fit).
 """
 
+from introvae_jax import objectives
 from introvae_jax.configuration import base_config, check_batch_divides, validate
 from introvae_jax.losses import (decoder_loss, encoder_loss, kl_divergence,
                                  reconstruction_loss, reparameterize, vae_loss)

@@ -16,7 +16,6 @@ import os
 import re
 import subprocess
 import sys
-import textwrap
 import time
 
 from absl import flags

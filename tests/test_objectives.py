@@ -16,7 +16,6 @@ import jax
 import numpy as np
 import pytest
 
-import introvae_jax
 from introvae_jax import configuration
 from introvae_jax import objectives
 from introvae_jax import step as step_lib

@@ -5,7 +5,6 @@ import importlib.util
 import re
 import time
 
-import jax
 import pytest
 
 from conftest import tiny_config

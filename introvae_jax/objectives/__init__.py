@@ -12,6 +12,8 @@ from introvae_jax.objectives import soft_introvae
 from introvae_jax.objectives import vae
 from introvae_jax.objectives.base import METRICS, Nets
 
+__all__ = ['METRICS', 'Nets', 'REGISTRY', 'get']
+
 REGISTRY = {
     'vae': vae,
     'introvae': introvae,
