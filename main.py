@@ -30,13 +30,14 @@ def main(argv):
   checkpointing.quiet_orbax_logs()
   # Before any array is made.
   configuration.enable_x64_for(FLAGS.config.dtype, "--config's dtype")
+  signals = train.StopSignals()
   try:
-    train.train_and_evaluate(FLAGS.config, _WORKDIR.value)
+    train.train_and_evaluate(FLAGS.config, _WORKDIR.value, signals=signals)
   except KeyboardInterrupt:  # Ctrl-C before the first step: nothing to save.
     print('Interrupted before training started; nothing was saved.',
           file=sys.stderr)
     sys.exit(128 + signal.SIGINT)
-  if train.last_stop_signal() == signal.SIGINT:
+  if signals.stopped == signal.SIGINT:
     sys.exit(128 + signal.SIGINT)
 
 

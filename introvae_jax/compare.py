@@ -249,8 +249,9 @@ def run_cell(config, objective: str, seed: int, workdir: str,
   if is_toy(cell):
     metrics, history = _run_toy(cell, run_dir, results, name)
   else:
-    train.train_and_evaluate(cell, run_dir)
-    if train.last_stop_signal() is not None:
+    signals = train.StopSignals()
+    train.train_and_evaluate(cell, run_dir, signals=signals)
+    if signals.stopped is not None:
       return None
     metrics, _ = evaluation.evaluate_workdir(
         run_dir, num_images=num_images, classifier_path=cell.digit_classifier

@@ -24,7 +24,7 @@ import os
 import signal
 import sys
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from absl import logging
 from clu import metric_writers
@@ -122,17 +122,22 @@ class _Interrupted(Exception):
   """A stop signal arrived during an interruptible stretch (evaluation)."""
 
 
-class _StopSignals:
+class StopSignals:
   """SIGTERM (preemption) and SIGINT (Ctrl-C) become a flag the loop checks
   after each step, so it saves the current step and returns; a second
   signal aborts at once. Inside `call_interruptible` (an in-training
   evaluation, which can take longer than a preemption notice) the signal
-  also abandons that work at once, so the save follows within seconds."""
+  also abandons that work at once, so the save follows within seconds.
+
+  Pass one to `train_and_evaluate` to learn how the run ended: `stopped` is
+  the signal that ended it early (SIGTERM for a multi-host preemption), or
+  None when it reached `num_train_steps`."""
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.received = None  # the first signal's number
+    self.stopped = None   # set by the loop when it stops early
     self._previous = {}
     self._interruptible = False
 
@@ -300,13 +305,16 @@ def _make_evaluator(config):
   return evaluate
 
 
-def train_and_evaluate(config, workdir: str) -> step_lib.TrainState:
+def train_and_evaluate(config, workdir: str, *,
+                       signals: Optional[StopSignals] = None
+                       ) -> step_lib.TrainState:
   """Trains until `config.num_train_steps`, resuming from the latest checkpoint.
 
   Nothing in the workdir is written before the run is known to match it (a
   checkpoint of the same model, the same identity fields as its config.json).
   One training process per workdir (`workdir.RunLock`). SIGTERM or SIGINT
-  saves the current step and returns early (`last_stop_signal()` says which).
+  saves the current step and returns early; `signals` (a fresh
+  `StopSignals`) then says which (`signals.stopped`).
   """
   validate(config)
   initialize_distributed(config)
@@ -318,7 +326,7 @@ def train_and_evaluate(config, workdir: str) -> step_lib.TrainState:
     manager = checkpointing.make_manager(workdir,
                                          max_to_keep=config.max_to_keep)
     with checkpointing.disk_full_is_a_user_error(manager):
-      return _train(config, workdir, manager)
+      return _train(config, workdir, manager, signals or StopSignals())
 
 
 def _check_weight_files(config) -> None:
@@ -366,7 +374,8 @@ def _mfu(config, per_device: int):
   return lambda seconds: hardware.mfu(config, per_device, seconds, key)
 
 
-def _train(config, workdir: str, manager) -> step_lib.TrainState:
+def _train(config, workdir: str, manager,
+           signals: StopSignals) -> step_lib.TrainState:
   is_host0 = jax.process_index() == 0
   checkpointing.check_model(manager, config)  # another model: say so first
   stored, changes = _resume_identity(config, workdir, manager)
@@ -450,10 +459,8 @@ def _train(config, workdir: str, manager) -> step_lib.TrainState:
     if results is not None:
       writer.write_scalars(step, results)
 
-  global _LAST_STOP_SIGNAL
-  _LAST_STOP_SIGNAL = None
   try:
-    with _StopSignals() as signals:
+    with signals:
       if (evaluate and start and start % config.eval_every_steps == 0 and
           not any(t.startswith('eval/') for t in logged_at_start)):
         evaluate_and_write(start, signals)  # a stop signal abandoned it
@@ -484,7 +491,7 @@ def _train(config, workdir: str, manager) -> step_lib.TrainState:
               _write_config(config, workdir, start, stored, changes)
             changes = []
         if stop:
-          _LAST_STOP_SIGNAL = signals.received or signal.SIGTERM
+          signals.stopped = signals.received or signal.SIGTERM
           logging.warning(
               'Stopped at step %d of %d (checkpoint saved); rerun the same '
               'command to resume.', step, config.num_train_steps)
@@ -495,11 +502,3 @@ def _train(config, workdir: str, manager) -> step_lib.TrainState:
     manager.wait_until_finished()
   return state
 
-
-_LAST_STOP_SIGNAL = None
-
-
-def last_stop_signal():
-  """The signal (SIGTERM, SIGINT) that stopped the last `train_and_evaluate`
-  early, or None when it ran to `num_train_steps`."""
-  return _LAST_STOP_SIGNAL

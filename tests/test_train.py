@@ -417,9 +417,10 @@ def test_stop_signal_during_evaluation_saves_within_seconds(tmp_path,
   config = tiny_config(num_train_steps=4, eval_every_steps=2,
                        checkpoint_every_steps=4, log_every_steps=1,
                        image_every_steps=100)
-  state = train.train_and_evaluate(config, workdir)
+  signals = train.StopSignals()
+  state = train.train_and_evaluate(config, workdir, signals=signals)
   assert time.monotonic() - started[0] < 10
-  assert train.last_stop_signal() == signal.SIGTERM
+  assert signals.stopped == signal.SIGTERM
   assert int(state.step) == 2 and complete_steps(workdir) == [2]
   assert 'eval/never' not in scalars(workdir)
 
