@@ -3,8 +3,9 @@
 Every source runs the same path: this host's shard of one split, reshuffled
 every epoch with the seed, repeated, decoded, center-cropped to a square,
 converted to `image_channels`, resized to `image_size` (bicubic, antialiased),
-flipped at random and batched to float32 [local_devices, per_device, H, W, C]
-in [0, 1].
+flipped at random and batched to this host's rows of the global batch,
+float32 [local_batch, H, W, C] in [0, 1] (`parallel.global_batch` places them
+on the mesh; a pmap caller reshapes them with `step.shard_batch`).
 
 Exact resume: element p of a host's stream (p = step * local_batch + i) is
 example order_e[p % n] of epoch e = p // n, where n is the size of the host's
@@ -114,7 +115,7 @@ class _Source:
 
 
 class InputIterator:
-  """Yields {'image': float32 [local_devices, per_device, H, W, C]} forever."""
+  """Yields {'image': float32 [local_batch, H, W, C]} forever."""
 
   def __init__(self, dataset: tf.data.Dataset, decoder: '_FileDecoder | None'):
     self._batches = dataset.as_numpy_iterator()
@@ -140,11 +141,13 @@ def create_input_iter(config: ml_collections.ConfigDict, *, start_step: int = 0,
   Args:
     config: the run's config (`dataset`, `data_dir`, `batch_size`, ...).
     start_step: first step to yield; batches equal those of a run from step 0.
-    num_local_devices: leading batch axis; default `jax.local_device_count()`.
+    num_local_devices: the devices this host's rows are split over (checked to
+      divide them); default `jax.local_device_count()`.
 
   Returns:
-    An iterator of {'image': float32 [num_local_devices, per_device, H, W, C]}
-    in [0, 1], per_device = batch_size / (process_count * num_local_devices).
+    An iterator of {'image': float32 [local_batch, H, W, C]} in [0, 1],
+    local_batch = batch_size / process_count: this host's rows of each global
+    batch.
   """
   if start_step < 0:
     raise ValueError(f'start_step={start_step} must be >= 0.')
@@ -173,8 +176,7 @@ def create_input_iter(config: ml_collections.ConfigDict, *, start_step: int = 0,
   # Skip keys, before decoding, to reach the first element of start_step.
   ds = ds.skip(offset).enumerate(start)
   ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.batch(per_device, drop_remainder=True)
-  ds = ds.batch(num_local_devices, drop_remainder=True)
+  ds = ds.batch(local_batch, drop_remainder=True)
   ds = ds.map(lambda images: {'image': images})
   ds = ds.with_options(_options()).prefetch(PREFETCH_BATCHES)
   return InputIterator(ds, source.decoder)

@@ -417,8 +417,7 @@ def _train(config, workdir: str, manager,
   train_step = compile_step(config, mesh, state)
   mfu = _mfu(config, config.batch_size // mesh.size)
   clock = [time.time(), start]  # [time, step] at the last flush
-  batches = parallel.prefetch_to_mesh(
-      (b['image'].reshape((-1,) + b['image'].shape[2:]) for b in data), mesh)
+  batches = parallel.prefetch_to_mesh((b['image'] for b in data), mesh)
 
   progress = periodic_actions.ReportProgress(
       num_train_steps=config.num_train_steps, writer=writer,

@@ -27,7 +27,7 @@ def _config(**overrides):
 
 
 def _images(config, num_steps, **kwargs):
-  """num_steps batches stacked: [num_steps, devices, per_device, H, W, C]."""
+  """num_steps batches stacked: [num_steps, local_batch, H, W, C]."""
   batches = input_pipeline.create_input_iter(config, **kwargs)
   return np.stack([next(batches)['image'] for _ in range(num_steps)])
 
@@ -92,7 +92,9 @@ def test_offline_batches_have_shape_dtype_and_range(channels):
   batch = next(input_pipeline.create_input_iter(config, num_local_devices=2))
   assert list(batch) == ['image']
   image = batch['image']
-  assert image.shape == (2, 4, 8, 8, channels)
+  # This host's rows of the global batch (the pmap-era [devices,
+  # per_device, ...] layout is gone: pmap callers use step.shard_batch).
+  assert image.shape == (8, 8, 8, channels)
   assert image.dtype == np.float32
   assert 0 <= image.min() and image.max() <= 1 and image.max() > 0.5
 
