@@ -143,8 +143,8 @@ class _Worker:
            f'--conv_impl={args.conv_impl}']
     self.name = f'{side} ({size}px)'
     self._proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True)
+                                  stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
     self.result = self._read()
     self.result['times'] = []
 
@@ -209,8 +209,8 @@ def main():
           f'torch {torch_r["version"]}, {torch_r["threads"]} torch threads; '
           f'1-min load average at start {load:.2f}, at end '
           f'{os.getloadavg()[0]:.2f})')
-    print(f"  {'side':<8} {'compile s':>10} {'first it s':>10} {'median s/it':>11} "
-          f"{'img/s':>8} {'peak MiB':>10}")
+    print(f"  {'side':<8} {'compile s':>10} {'first it s':>10} "
+          f"{'median s/it':>11} {'img/s':>8} {'peak MiB':>10}")
     line, t_jax = _row('jax', jax_r, batch)
     print(line)
     line, t_torch = _row('pytorch', torch_r, batch)

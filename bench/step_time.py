@@ -50,7 +50,8 @@ _IMAGE_SIZE = flags.DEFINE_integer(
     'image_size', None, 'Image size; also sets channels to channels_for(size).')
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', None, 'Global batch size.')
 _MODE = flags.DEFINE_enum('mode', None, ['reference', 'fused'], 'Step mode.')
-_NUM_STEPS = flags.DEFINE_integer('num_steps', 10, 'Timed steps (after compile).')
+_NUM_STEPS = flags.DEFINE_integer(
+    'num_steps', 10, 'Timed steps (after compile).')
 _ENGINES = flags.DEFINE_list(
     'engines', ['mesh', 'pmap'], 'Steps to time: mesh (jit + shard_map over '
     'all devices, the training program\'s), pmap (make_train_step(pmap=True)).')
@@ -64,7 +65,8 @@ FLAGS = flags.FLAGS
 
 
 def build_config():
-  config = FLAGS.config if FLAGS.config is not None else introvae_jax.base_config()
+  config = (FLAGS.config if FLAGS.config is not None
+            else introvae_jax.base_config())
   if _IMAGE_SIZE.value is not None:
     config.image_size = _IMAGE_SIZE.value
     config.channels = introvae_jax.channels_for(_IMAGE_SIZE.value)
@@ -77,7 +79,8 @@ def build_config():
 
 
 def peak_rss_mib() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+  # KiB on Linux
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def count_params(tree) -> int:
@@ -96,7 +99,8 @@ def time_engine(engine, config, state, images):
     state = introvae_jax.replicate(state)
     images = introvae_jax.shard_batch(images)
   else:
-    raise app.UsageError(f'--engines: unknown engine {engine!r}; use mesh, pmap.')
+    raise app.UsageError(
+        f'--engines: unknown engine {engine!r}; use mesh, pmap.')
   t0 = time.perf_counter()
   compiled = step.lower(state, images).compile()
   compile_s = time.perf_counter() - t0
@@ -131,9 +135,11 @@ def main(argv):
     jax.config.update('jax_num_cpu_devices', _DEVICES.value)
     jax.config.update('jax_platforms', 'cpu')
   config = build_config()
-  state = introvae_jax.create_train_state(config, jax.random.PRNGKey(config.seed))
+  state = introvae_jax.create_train_state(config,
+                                          jax.random.PRNGKey(config.seed))
   rs = np.random.RandomState(0)
-  images = rs.rand(config.batch_size, *models.input_shape(config)).astype(np.float32)
+  images = rs.rand(config.batch_size,
+                   *models.input_shape(config)).astype(np.float32)
 
   print(f'device        {jax.devices()[0].device_kind} x{jax.device_count()}')
   print(f'config        arch={config.arch} image_size={config.image_size} '
@@ -150,8 +156,8 @@ def main(argv):
     enc, dec = hardware.forward_flops(config)
     passes_e, passes_g = objectives.get(config.objective).PASSES
     print(f'model FLOPs   {model / 1e9:.1f} GFLOP/step ({passes_e} encoder + '
-          f'{passes_g} decoder forwards of {enc / 1e9:.3f} / {dec / 1e9:.3f} GFLOP per '
-          'image)')
+          f'{passes_g} decoder forwards of {enc / 1e9:.3f} / '
+          f'{dec / 1e9:.3f} GFLOP per image)')
   rates = {}
   for engine in _ENGINES.value:
     compiled, compile_s, times, metrics = time_engine(engine, config, state,
@@ -171,14 +177,16 @@ def main(argv):
             f'images/s' + (f', {model / median / 1e9:.1f} GFLOP/s (model)'
                            if model else ''))
       if model and chip:
-        print(f'[{engine}] MFU {100 * hardware.mfu(config, config.batch_size // n_dev, median, chip):.1f}% '
-              f'of {hardware.peak_flops(chip, config.dtype, config.precision) / 1e12:.1f} '
-              f'TFLOP/s per {chip} ({config.dtype}, precision {config.precision})')
+        mfu = 100 * hardware.mfu(config, config.batch_size // n_dev, median,
+                                 chip)
+        peak = hardware.peak_flops(chip, config.dtype, config.precision) / 1e12
+        print(f'[{engine}] MFU {mfu:.1f}% of {peak:.1f} TFLOP/s per {chip} '
+              f'({config.dtype}, precision {config.precision})')
       print(f'[{engine}] last loss_e {float(np.mean(metrics["loss_e"])):.4f}  '
             f'loss_g {float(np.mean(metrics["loss_g"])):.4f}')
   if 'mesh' in rates and 'pmap' in rates:
-    print(f'mesh / pmap   {rates["mesh"] / rates["pmap"]:.3f} (step rate ratio; '
-          '> 1: the mesh step is faster)')
+    print(f'mesh / pmap   {rates["mesh"] / rates["pmap"]:.3f} (step rate '
+          'ratio; > 1: the mesh step is faster)')
   if _PIPELINE_BATCHES.value:
     rate = pipeline_rate(config)
     if isinstance(rate, float):

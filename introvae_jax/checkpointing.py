@@ -99,8 +99,8 @@ def disk_full_is_a_user_error(manager: ocp.CheckpointManager):
     raise WorkdirError(
         f'No space left on the device of {manager.directory.parent} while '
         f'writing the run; its complete checkpoints (steps {kept or "none"}) '
-        'are intact. Free space (or lower max_to_keep) and rerun the same command '
-        'to resume.') from e
+        'are intact. Free space (or lower max_to_keep) and rerun the same '
+        'command to resume.') from e
 
 
 def identity_record(config) -> dict:
@@ -122,7 +122,8 @@ def save(manager: ocp.CheckpointManager, state: step_lib.TrainState,
   """
   multiprocess = jax.process_count() > 1
   def for_orbax(a):
-    if isinstance(a, jax.Array) and not (multiprocess and a.is_fully_addressable):
+    if (isinstance(a, jax.Array)
+        and not (multiprocess and a.is_fully_addressable)):
       return a
     return np.asarray(a)
   state = jax.tree_util.tree_map(for_orbax, state)
@@ -163,7 +164,8 @@ def describe(tree):
 
 def check_compatible(manager: ocp.CheckpointManager, step: int, metadata,
                      target) -> None:
-  """Raises IncompatibleCheckpointError if the stored tree differs from target."""
+  """Raises IncompatibleCheckpointError if the stored tree differs from
+  target."""
   stored = describe(metadata)
   wanted = describe(target)
   missing = sorted(set(wanted) - set(stored))

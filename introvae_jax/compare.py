@@ -142,7 +142,7 @@ def markdown(summary: dict, objectives: Sequence[str], title: str) -> str:
            '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
   for metric, row in summary['metrics'].items():
     cols = [metric] + [f'{row[o]["mean"]:.4g} +- {row[o]["std"]:.2g}'
-                       for o in objectives]
+                       if row[o]['n'] else 'n/a' for o in objectives]
     for o in objectives[1:]:
       c = summary['contrasts'][o][metric]
       if c is None:
@@ -156,11 +156,12 @@ def markdown(summary: dict, objectives: Sequence[str], title: str) -> str:
 
 
 def kl_history(workdir: str) -> Dict[str, List[float]]:
-  """{'step': [...], 'kl_real': [...], 'kl_rec': [...], 'kl_fake': [...]}:
-  the training scalars of a run's TensorBoard event files (later files win)."""
+  """{'step': [...], 'kl_real': [...], 'kl_rec': [...], 'kl_fake': [...], and
+  the other `toy2d.HISTORY_TAGS` the objective logs}: the training scalars of
+  a run's TensorBoard event files (later files win)."""
   import tensorflow as tf
-  tags = ('kl_real', 'kl_rec', 'kl_fake')
-  values: Dict[str, Dict[int, float]] = {t: {} for t in tags}
+  from introvae_jax import toy2d
+  values: Dict[str, Dict[int, float]] = {t: {} for t in toy2d.HISTORY_TAGS}
   for path in sorted(tf.io.gfile.glob(
       str(workdir_lib.path(workdir, 'events.out.tfevents.*')))):
     for record in tf.data.TFRecordDataset(path):
@@ -168,8 +169,20 @@ def kl_history(workdir: str) -> Dict[str, List[float]]:
       for v in event.summary.value:
         if v.tag in values:
           values[v.tag][int(event.step)] = float(tf.make_ndarray(v.tensor))
+  values = {t: v for t, v in values.items() if v}
   steps = sorted(set.intersection(*(set(v) for v in values.values())))
-  return dict(step=steps, **{t: [values[t][s] for s in steps] for t in tags})
+  return dict(step=steps, **{t: [values[t][s] for s in steps] for t in values})
+
+
+# Training scalars an objective adds, reported in the tables at their last
+# logged value (`train_<tag>`; Soft-IntroVAE's kl_gap is its authors'
+# diff_kl: KL of prior samples minus KL of real images).
+TRAIN_SCALARS = ('kl_gap', 'expelbo_rec', 'expelbo_fake')
+
+
+def _with_training_scalars(metrics: dict, history: dict) -> dict:
+  return dict(metrics, **{f'train_{t}': history[t][-1] for t in TRAIN_SCALARS
+                          if history.get(t)})
 
 
 def _grids(workdir: str, results: epath.Path, name: str, num_images: int):
@@ -259,7 +272,9 @@ def run_cell(config, objective: str, seed: int, workdir: str,
     _grids(run_dir, results, name, NUM_GRID_IMAGES)
     history = kl_history(run_dir)
   out = dict(objective=objective, seed=seed, step=cell.num_train_steps,
-             workdir=run_dir, metrics=metrics, kl_history=history,
+             workdir=run_dir,
+             metrics=_with_training_scalars(metrics, history),
+             kl_history=history,
              config=_as_json(cell))
   path.write_text(json.dumps(out, indent=1))
   return out

@@ -1,4 +1,5 @@
-"""Convert between the authors' PyTorch checkpoints and this project's variables.
+"""Convert between the authors' PyTorch checkpoints and this project's
+variables.
 
 Import: a reference checkpoint (hhb072/IntroVAE `save_checkpoint` writes
 `{'epoch': e, 'model': <the whole pickled IntroVAE module>}`; a plain
@@ -282,7 +283,8 @@ def _get(tree: Mapping, path):
 
 
 def torch_to_variables(state_dict: Mapping[str, np.ndarray]) -> Dict[str, dict]:
-  """Reference state_dict -> {'params_e', 'batch_stats_e', 'params_g', 'batch_stats_g'}.
+  """Reference state_dict -> {'params_e', 'batch_stats_e', 'params_g',
+  'batch_stats_g'}.
 
   Raises ValueError naming missing or unexpected keys.
   """
@@ -335,13 +337,15 @@ def variables_to_torch_arrays(params_e, batch_stats_e, params_g,
            'params_g': params_g, 'batch_stats_g': batch_stats_g}
   n = len([k for k in params_e if k.startswith('block_')])
   image_size = 4 * 2 ** n
-  has_expand = lambda net, block, ref: 'conv_expand' in trees[f'params_{net}'][block]
+  has_expand = lambda net, block, ref: (
+      'conv_expand' in trees[f'params_{net}'][block])
   sd = collections.OrderedDict()
   get = lambda tree, path: np.asarray(_get(tree, path))
   for net, path, ref, kind in _layers(n, image_size, has_expand):
     params, stats = trees[f'params_{net}'], trees[f'batch_stats_{net}']
     if kind == 'conv':
-      sd[f'{ref}.weight'] = get(params, path + ('kernel',)).transpose(3, 2, 0, 1)
+      sd[f'{ref}.weight'] = get(params, path + ('kernel',)).transpose(
+          3, 2, 0, 1)
       if 'bias' in _get(params, path):
         sd[f'{ref}.bias'] = get(params, path + ('bias',))
     elif kind == 'bn':
@@ -358,7 +362,8 @@ def variables_to_torch_arrays(params_e, batch_stats_e, params_g,
 
 
 def export_state_dict(state) -> 'collections.OrderedDict':
-  """A `TrainState` (or a mapping with its four variable fields) -> torch state_dict."""
+  """A `TrainState` (or a mapping with its four variable fields) -> torch
+  state_dict."""
   torch = _torch()
   get = (state.__getitem__ if isinstance(state, Mapping)
          else lambda k: getattr(state, k))
@@ -373,7 +378,8 @@ def export_state_dict(state) -> 'collections.OrderedDict':
 
 
 def check_model_fields(config, state_dict: Mapping[str, np.ndarray]) -> None:
-  """Raises ValueError naming each config field that disagrees with the checkpoint."""
+  """Raises ValueError naming each config field that disagrees with the
+  checkpoint."""
   found = infer_model_fields(state_dict)
   wrong = [f'{k}={config[k]!r} (checkpoint: {v!r})' for k, v in found.items()
            if v is not None and (tuple(config[k]) if k == 'channels'
@@ -385,7 +391,8 @@ def check_model_fields(config, state_dict: Mapping[str, np.ndarray]) -> None:
 
 
 def config_for_checkpoint(state_dict: Mapping[str, np.ndarray], config=None):
-  """`config` checked against the checkpoint, or base_config() with its model fields."""
+  """`config` checked against the checkpoint, or base_config() with its model
+  fields."""
   if config is None:
     config = configuration.base_config()
     with config.unlocked():
@@ -406,7 +413,8 @@ def train_state_from_reference(state_dict: Mapping[str, np.ndarray], config):
     want = checkpointing.describe(getattr(abstract, name))
     got = checkpointing.describe(tree)
     if want != got:
-      diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+      diff = sorted(k for k in set(want) | set(got)
+                    if want.get(k) != got.get(k))
       raise errors.ConfigError(
           f'{name}: the checkpoint does not fit the model the config builds '
           f'(reference_layout={config.reference_layout}); e.g. '
@@ -492,7 +500,8 @@ def convert_reference(torch_checkpoint: str, workdir: str, config=None):
   return state, config, path
 
 
-def export_reference(workdir: str, out: str, step: Optional[int] = None) -> None:
+def export_reference(workdir: str, out: str,
+                     step: Optional[int] = None) -> None:
   """A workdir's checkpoint -> reference state_dict .pth (`load_state_dict`)."""
   torch = _torch()
   variables = restore_variables(workdir, step)

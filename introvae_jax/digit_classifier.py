@@ -48,7 +48,8 @@ def default_path() -> str:
 
 
 class DigitCNN(nn.Module):
-  """conv32-pool-conv64-pool-dense128-dense10; `features` = the dense128 output."""
+  """conv32-pool-conv64-pool-dense128-dense10; `features` = the dense128
+  output."""
 
   @nn.compact
   def __call__(self, x, return_features: bool = False):
@@ -67,7 +68,8 @@ def labelled_digits() -> Tuple[np.ndarray, np.ndarray]:
   return offline_datasets.mnist_with_labels()
 
 
-def split() -> Tuple[Tuple[np.ndarray, np.ndarray], Tuple[np.ndarray, np.ndarray]]:
+def split() -> Tuple[Tuple[np.ndarray, np.ndarray],
+                     Tuple[np.ndarray, np.ndarray]]:
   """((train images, labels), (held-out images, labels)); 4,000 / 1,000."""
   images, labels = labelled_digits()
   cut = len(images) - NUM_HELD_OUT
@@ -102,7 +104,8 @@ def train(seed: int = 0, num_steps: int = NUM_STEPS, batch_size: int = 64,
   model = DigitCNN()
   key = jax.random.PRNGKey(seed)
   key, init_key = jax.random.split(key)
-  params = model.init(init_key, jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 1)))['params']
+  params = model.init(init_key,
+                      jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 1)))['params']
   tx = optax.adam(optax.cosine_decay_schedule(learning_rate, num_steps))
   opt_state = tx.init(params)
   x_train, y_train = jnp.asarray(x_train), jnp.asarray(y_train)
@@ -123,7 +126,8 @@ def train(seed: int = 0, num_steps: int = NUM_STEPS, batch_size: int = 64,
     return optax.apply_updates(params, updates), opt_state, loss
 
   for i in range(num_steps):
-    params, opt_state, loss = step(params, opt_state, jax.random.fold_in(key, i))
+    params, opt_state, loss = step(params, opt_state,
+                                   jax.random.fold_in(key, i))
     if log is not None and (i + 1) % 500 == 0:
       log(f'step {i + 1}: loss {float(loss):.4f}')
   accuracy = evaluate_accuracy(params, x_test, y_test)
@@ -212,7 +216,8 @@ def cached(log=print):
   return load(path)
 
 
-def digit_features(images, params=None, path: Optional[str] = None) -> np.ndarray:
+def digit_features(images, params=None,
+                   path: Optional[str] = None) -> np.ndarray:
   """128-d penultimate features [N, 128] (float32) of gray digits in [0, 1].
 
   Images of any square size are resized to 28 px first, so 32 px samples of

@@ -77,7 +77,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
   sigma1 = np.atleast_2d(sigma1).astype(np.float64)
   sigma2 = np.atleast_2d(sigma2).astype(np.float64)
   if mu1.shape != mu2.shape:
-    raise ValueError(f'Mean vectors differ in shape: {mu1.shape} vs {mu2.shape}.')
+    raise ValueError(
+        f'Mean vectors differ in shape: {mu1.shape} vs {mu2.shape}.')
   if sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
     raise ValueError(f'Covariances {sigma1.shape}, {sigma2.shape} do not match '
                      f'the means {mu1.shape}.')
@@ -252,8 +253,8 @@ def sliced_wasserstein(a, b, rng, dir_repeats: int = 4,
   rank (equal sizes needed).
   """
   if a.shape != b.shape:
-    raise ValueError(f'Descriptor sets differ in shape: {a.shape} vs {b.shape}; '
-                     'use the same number of images for both.')
+    raise ValueError(f'Descriptor sets differ in shape: {a.shape} vs '
+                     f'{b.shape}; use the same number of images for both.')
   results = []
   for _ in range(dir_repeats):
     dirs = rng.randn(a.shape[1], dirs_per_repeat).astype(np.float32)
@@ -278,8 +279,10 @@ def swd_resolutions(image_size: int, min_resolution: int = 16) -> Sequence[int]:
 
 
 def sliced_wasserstein_distance(images1, images2, seed: int = 0,
-                                nhood_size: int = 7, nhoods_per_image: int = 128,
-                                dir_repeats: int = 4, dirs_per_repeat: int = 128,
+                                nhood_size: int = 7,
+                                nhoods_per_image: int = 128,
+                                dir_repeats: int = 4,
+                                dirs_per_repeat: int = 128,
                                 min_resolution: int = 16) -> Dict[str, float]:
   """SWD x 1e3 per pyramid level ('swd_<res>') and their mean ('swd_mean').
 
@@ -406,7 +409,8 @@ def feature_metrics(name: str, real_features, fake_features,
   """Frechet distance and KID between two feature sets, under `name`'s keys."""
   fd_key, kid_mean_key, kid_std_key = feature_metric_names(name)
   size = min(kid_subset_size, len(real_features), len(fake_features))
-  kid = kernel_inception_distance(real_features, fake_features, subset_size=size)
+  kid = kernel_inception_distance(real_features, fake_features,
+                                  subset_size=size)
   return {fd_key: frechet_distance_from_features(real_features, fake_features),
           kid_mean_key: kid['kid_mean'], kid_std_key: kid['kid_std']}
 

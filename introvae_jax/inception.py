@@ -10,7 +10,8 @@ average pool: 2,048 features per image.
 The weights are the user's `pt_inception-2015-12-05-6726825d.pth` (the file
 pytorch-fid downloads), passed by path; nothing is downloaded here. The .pth
 is read without PyTorch, and without running anything from it
-(`files.read_pth`); `convert` writes an .npz that later runs load. BatchNorm (eps 1e-3, inference statistics) is folded into each
+(`files.read_pth`); `convert` writes an .npz that later runs load.
+BatchNorm (eps 1e-3, inference statistics) is folded into each
 convolution: kernel * gamma / sqrt(var + eps) and bias beta - mean * that.
 
     params = load('pt_inception-2015-12-05-6726825d.pth')   # or the .npz
@@ -83,7 +84,8 @@ def _inception_a(p, name, x):
   b1 = c('branch1x1', x)
   b5 = c('branch5x5_2', c('branch5x5_1', x), padding=(2, 2))
   b3 = c('branch3x3dbl_1', x)
-  b3 = c('branch3x3dbl_3', c('branch3x3dbl_2', b3, padding=(1, 1)), padding=(1, 1))
+  b3 = c('branch3x3dbl_3', c('branch3x3dbl_2', b3, padding=(1, 1)),
+         padding=(1, 1))
   bp = c('branch_pool', avg_pool_exclude_pad(x))
   return jnp.concatenate([b1, b5, b3, bp], axis=-1)
 
@@ -113,7 +115,8 @@ def _inception_d(p, name, x):
   c = lambda sub, h, **kw: _conv(p, f'{name}.{sub}', h, **kw)
   b3 = c('branch3x3_2', c('branch3x3_1', x), stride=2)
   b7 = c('branch7x7x3_1', x)
-  b7 = c('branch7x7x3_3', c('branch7x7x3_2', b7, padding=(0, 3)), padding=(3, 0))
+  b7 = c('branch7x7x3_3', c('branch7x7x3_2', b7, padding=(0, 3)),
+         padding=(3, 0))
   b7 = c('branch7x7x3_4', b7, stride=2)
   return jnp.concatenate([b3, b7, max_pool(x)], axis=-1)
 
@@ -155,7 +158,8 @@ def _forward(params, images):
 
 
 def features(params: Params, images, batch_size: int = 50) -> np.ndarray:
-  """pool3 features [N, 2048] (float32) of images [N, H, W, 1 or 3] in [0, 1]."""
+  """pool3 features [N, 2048] (float32) of images [N, H, W, 1 or 3] in
+  [0, 1]."""
   images = np.asarray(images, np.float32)
   if images.ndim != 4 or images.shape[-1] not in (1, 3):
     raise ValueError(f'Expected images [N, H, W, 1 or 3], got {images.shape}.')
@@ -245,7 +249,8 @@ def _params_from_npz(path: str, fix: str) -> Params:
     raise errors.BadFileError(
         f'{path} holds no InceptionV3 weights (it has {len(arrays)} arrays, '
         f'e.g. {sorted(arrays)[:3]}); {fix}')
-  return {n: (arrays[f'{n}/kernel'], arrays[f'{n}/bias']) for n in sorted(names)}
+  return {n: (arrays[f'{n}/kernel'], arrays[f'{n}/bias'])
+          for n in sorted(names)}
 
 
 @functools.lru_cache(maxsize=2)

@@ -18,7 +18,8 @@ def kl_divergence(mu, logvar):
   """
   dtype = jnp.promote_types(jnp.result_type(mu, logvar), jnp.float32)
   mu, logvar = mu.astype(dtype), logvar.astype(dtype)
-  return -0.5 * jnp.sum(1.0 + logvar - jnp.square(mu) - jnp.exp(logvar), axis=-1)
+  return -0.5 * jnp.sum(1.0 + logvar - jnp.square(mu) - jnp.exp(logvar),
+                        axis=-1)
 
 
 def reconstruction_loss(x, x_rec):
@@ -40,7 +41,8 @@ def margin_hinge(kl_mean, m_plus):
 
 def encoder_loss(loss_rec, kl_real, kl_rec, kl_fake, *, m_plus, weight_rec,
                  weight_kl, weight_neg):
-  """L_E = w_rec*L_AE + w_kl*(KL_real + 0.5*w_neg*(hinge(KL_rec) + hinge(KL_fake))).
+  """L_E = w_rec*L_AE + w_kl*(KL_real + 0.5*w_neg*(hinge(KL_rec) +
+  hinge(KL_fake))).
 
   All arguments are batch means; `kl_rec`/`kl_fake` must come from the encoder
   applied to stop-gradient images (reference `lossE`).
@@ -51,7 +53,8 @@ def encoder_loss(loss_rec, kl_real, kl_rec, kl_fake, *, m_plus, weight_rec,
 
 
 def decoder_loss(loss_rec, kl_rec, kl_fake, *, weight_rec, weight_kl):
-  """L_G = w_rec*L_AE + 0.5*w_kl*(KL_rec + KL_fake), KLs from the updated encoder.
+  """L_G = w_rec*L_AE + 0.5*w_kl*(KL_rec + KL_fake), KLs from the updated
+  encoder.
 
   The reference's `lossG` holds only the KL part; its decoder also receives the
   w_rec*L_AE gradient because `optimizerG.zero_grad()` is commented out.

@@ -35,8 +35,8 @@ def channels_for(image_size: int) -> Tuple[int, ...]:
   depth = {32: 3, 64: 4, 128: 5, 256: 6}.get(image_size)
   if depth is None:
     raise ValueError(
-        f'No reference channel recipe for image_size={image_size}; choose one of '
-        '32, 64, 128, 256, 512, 1024 or set config.channels explicitly.')
+        f'No reference channel recipe for image_size={image_size}; choose one '
+        'of 32, 64, 128, 256, 512, 1024 or set config.channels explicitly.')
   return _CHANNELS_256[len(_CHANNELS_256) - depth:]
 
 
@@ -75,7 +75,8 @@ class BatchNorm(nn.Module):
     ftype = _float(self.dtype)
     scale = self.param('scale', nn.initializers.ones, (features,), ftype)
     bias = self.param('bias', nn.initializers.zeros, (features,), ftype)
-    ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), ftype)
+    ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,),
+                            ftype)
     ra_var = self.variable('batch_stats', 'var', jnp.ones, (features,), ftype)
     if use_running_average:
       mean, var = ra_mean.value, ra_var.value
@@ -95,8 +96,10 @@ class BatchNorm(nn.Module):
       if not self.is_initializing():
         unbiased = var * (count / max(count - 1, 1))
         m = self.momentum
-        ra_mean.value = (1 - m) * ra_mean.value + m * jax.lax.stop_gradient(mean)
-        ra_var.value = (1 - m) * ra_var.value + m * jax.lax.stop_gradient(unbiased)
+        ra_mean.value = ((1 - m) * ra_mean.value
+                         + m * jax.lax.stop_gradient(mean))
+        ra_var.value = ((1 - m) * ra_var.value
+                        + m * jax.lax.stop_gradient(unbiased))
     mul = scale * jax.lax.rsqrt(var + self.epsilon)
     y = (x.astype(ftype) - mean) * mul + bias
     return y.astype(self.dtype)
@@ -106,11 +109,11 @@ class Conv(nn.Module):
   """Stride-1 'SAME' convolution, HWIO `kernel` (+ `bias`) as in `nn.Conv`.
 
   `impl='im2col'` computes the same result as one matrix multiply over the
-  k*k shifted copies of the input (docs/introvae.md, section 3d); the parameters are
-  identical either way, so checkpoints do not depend on the choice. XLA's own
-  convolution ('xla') is the default on every backend: on this project's
-  AMD EPYC (Zen 4) CPUs it also beats im2col (64 px reference step, batch
-  16: 11.8 vs 14.8 s, 1.6 vs 6.0 GiB of XLA temporaries).
+  k*k shifted copies of the input (docs/introvae.md, section 3d); the
+  parameters are identical either way, so checkpoints do not depend on the
+  choice. XLA's own convolution ('xla') is the default on every backend: on
+  this project's AMD EPYC (Zen 4) CPUs it also beats im2col (64 px reference
+  step, batch 16: 11.8 vs 14.8 s, 1.6 vs 6.0 GiB of XLA temporaries).
   """
   features: int
   kernel_size: int
@@ -142,7 +145,8 @@ class Conv(nn.Module):
           x, kernel, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
           precision=pr)
     if self.use_bias:
-      bias = self.param('bias', nn.initializers.zeros, (self.features,), _float(self.dtype))
+      bias = self.param('bias', nn.initializers.zeros, (self.features,),
+                        _float(self.dtype))
       y = y + bias.astype(self.dtype)
     return y
 
@@ -172,7 +176,8 @@ class ResidualBlock(nn.Module):
 def _block(remat: bool):
   """ResidualBlock, or one that recomputes its activations in the backward
   pass (`nn.remat`: less memory, one more forward; same parameters)."""
-  return nn.remat(ResidualBlock, static_argnums=(2,)) if remat else ResidualBlock
+  return (nn.remat(ResidualBlock, static_argnums=(2,)) if remat
+          else ResidualBlock)
 
 
 class Encoder(nn.Module):
@@ -191,7 +196,8 @@ class Encoder(nn.Module):
     chans = tuple(self.channels)
     if x.shape[1] != image_size_for(chans) or x.shape[2] != x.shape[1]:
       raise ValueError(f'Encoder with channels={chans} expects '
-                       f'{image_size_for(chans)}px square images, got {x.shape}.')
+                       f'{image_size_for(chans)}px square images, got '
+                       f'{x.shape}.')
     block = lambda f, skip, name: _block(self.remat)(
         f, skip, self.bn_axis_name, self.conv_impl, self.dtype,
         self.precision, name=name)
@@ -239,7 +245,8 @@ class Decoder(nn.Module):
     # entry with itself (one list entry), later ones pair two adjacent entries.
     prev = len(chans) - 1
     for n, i in enumerate(reversed(range(len(chans)))):
-      skip = _has_skip_conv(chans[prev], chans[i], prev != i, self.reference_layout)
+      skip = _has_skip_conv(chans[prev], chans[i], prev != i,
+                            self.reference_layout)
       h = block(chans[i], skip, f'block_{n}')(h, train)
       h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
       prev = i
@@ -256,7 +263,8 @@ def _dense(features: int, owner: nn.Module, name: str) -> nn.Dense:
 
 
 class MLPEncoder(nn.Module):
-  """2-D toy encoder (Soft-IntroVAE): x [B, D] -> (mu, logvar), each [B, zdim]."""
+  """2-D toy encoder (Soft-IntroVAE): x [B, D] -> (mu, logvar), each
+  [B, zdim]."""
   zdim: int = 2
   hidden: Sequence[int] = (256, 256, 256)
   dtype: Any = jnp.float32

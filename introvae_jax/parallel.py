@@ -130,7 +130,8 @@ def local_copy(tree):
   def first(a):
     if isinstance(a, jax.Array) and len(a.sharding.device_set) > 1:
       if not a.sharding.is_fully_replicated:
-        raise ValueError(f'local_copy needs replicated arrays, got {a.sharding}')
+        raise ValueError(
+            f'local_copy needs replicated arrays, got {a.sharding}')
       return a.addressable_data(0)
     return a
   return jax.tree_util.tree_map(first, tree)

@@ -399,10 +399,17 @@ def train(config, log: Optional[Callable[[str], None]] = print):
   return state, history
 
 
+# Training scalars kept for compare's figures and tables: the KLs every
+# objective logs, and the ones an objective adds (Soft-IntroVAE's).
+HISTORY_TAGS = ('kl_real', 'kl_rec', 'kl_fake', 'kl_gap', 'expelbo_rec',
+                'expelbo_fake')
+
+
 def kl_history(history) -> Dict[str, list]:
   """`train`'s history as {'step': [...], 'kl_real': ..., 'kl_rec': ...,
-  'kl_fake': ...} (chunk means)."""
-  tags = ('kl_real', 'kl_rec', 'kl_fake')
+  'kl_fake': ..., and the other `HISTORY_TAGS` the objective logs} (chunk
+  means)."""
+  tags = [t for t in HISTORY_TAGS if history and t in history[0][1]]
   return dict(step=[s for s, _ in history],
               **{t: [m[t] for _, m in history] for t in tags})
 

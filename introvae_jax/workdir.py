@@ -1,4 +1,5 @@
-"""A run's workdir: a local folder or a `gs://` bucket path, one writer at a time.
+"""A run's workdir: a local folder or a `gs://` bucket path, one writer at a
+time.
 
 Every path of a run goes through `etils.epath`, so the same code writes to a
 local disk or to Cloud Storage (TPU pods share nothing else). A local workdir
@@ -29,7 +30,8 @@ def is_remote(path) -> bool:
 
 
 def path(workdir, *parts) -> epath.Path:
-  """`workdir/parts...` as an epath; local paths made absolute (Orbax needs it)."""
+  """`workdir/parts...` as an epath; local paths made absolute (Orbax needs
+  it)."""
   root = str(workdir)
   if not is_remote(root):
     root = os.path.abspath(root)

@@ -110,7 +110,8 @@ def _make_certificate(folder):
         ['openssl', 'req', '-x509', '-newkey', 'ec', '-pkeyopt',
          'ec_paramgen_curve:prime256v1', '-nodes', '-keyout', key, '-out',
          cert, '-days', '2', '-subj', '/CN=storage.googleapis.com',
-         '-addext', 'subjectAltName=' + ','.join(f'DNS:{h}' for h in _TLS_HOSTS),
+         '-addext',
+         'subjectAltName=' + ','.join(f'DNS:{h}' for h in _TLS_HOSTS),
          '-addext', 'basicConstraints=critical,CA:TRUE'],
         check=True, capture_output=True)
     return cert, key
@@ -240,7 +241,8 @@ class GcsEmulator:
            '-port', str(self.port), '-backend', 'memory',
            '-external-url', self.url, '-log-level', 'warn'],
           stdout=log, stderr=log, stdin=subprocess.DEVNULL,
-          preexec_fn=_die_with_parent if sys.platform.startswith('linux') else None)
+          preexec_fn=(_die_with_parent if sys.platform.startswith('linux')
+                      else None))
     self._proxy = None
     try:
       self._wait_ready()
@@ -278,8 +280,9 @@ class GcsEmulator:
     deadline = time.monotonic() + timeout
     while True:
       if self._process.poll() is not None:
-        raise RuntimeError(f'fake-gcs-server exited ({self._process.returncode}):'
-                           f'\n{self.server_log()}')
+        raise RuntimeError(
+            f'fake-gcs-server exited ({self._process.returncode}):'
+            f'\n{self.server_log()}')
       try:
         with _DIRECT.open(f'{self.url}/storage/v1/b', timeout=2):
           return

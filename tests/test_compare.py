@@ -220,6 +220,12 @@ def test_toy_cells_go_through_the_toy_protocol(tmp_path):
   soft = json.load(open(results / 'soft_introvae_seed0.json'))
   assert soft['config']['soft_introvae']['beta_neg'] == 0.9  # 8 Gaussians
   assert summary['metrics']['jsd']['soft_introvae']['n'] == 1
+  # Soft-IntroVAE's own training scalars reach its history and the table.
+  assert {'kl_gap', 'expelbo_rec', 'expelbo_fake'} <= set(soft['kl_history'])
+  assert 'kl_gap' not in vae['kl_history']
+  gap = summary['metrics']['train_kl_gap']
+  assert gap['soft_introvae']['n'] == 1 and gap['introvae']['n'] == 0
+  assert '| train_kl_gap | n/a | n/a |' in (results / 'table.md').read_text()
   assert 0 <= vae['metrics']['modes_covered'] <= 8
   assert summary['metrics']['jsd']['introvae']['n'] == 1
   assert (results / 'introvae_seed0_samples.png').exists()

@@ -96,8 +96,10 @@ def test_jax_to_torch_to_jax_is_exact():
   variables = convert.torch_to_variables({k: v.numpy() for k, v in sd.items()})
   for name, tree in variables.items():
     want = jax.tree_util.tree_map(np.asarray, getattr(state, name))
-    assert jax.tree_util.tree_structure(tree) == jax.tree_util.tree_structure(want)
-    for a, b in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(want)):
+    assert (jax.tree_util.tree_structure(tree)
+            == jax.tree_util.tree_structure(want))
+    for a, b in zip(jax.tree_util.tree_leaves(tree),
+                    jax.tree_util.tree_leaves(want)):
       assert a.shape == b.shape and np.array_equal(a, b), name
   # The export loads into the reference model with strict key checking.
   tr.build_model(small_config()).load_state_dict(sd, strict=True)
@@ -147,7 +149,8 @@ def test_loading_runs_no_code_from_the_pickle(tmp_path):
 
   model = random_reference_model(small_config())
   path = str(tmp_path / 'payload.pth')
-  torch.save({'epoch': 1, 'model': model.state_dict(), 'extra': Payload()}, path)
+  torch.save({'epoch': 1, 'model': model.state_dict(), 'extra': Payload()},
+             path)
   convert.load_reference_checkpoint(path)
   assert not marker.exists()
 
@@ -171,7 +174,8 @@ def test_config_that_does_not_fit_the_checkpoint_is_refused():
   with pytest.raises(ValueError, match=r'hdim=6 \(checkpoint: 4\)'):
     convert.train_state_from_reference(
         sd, small_config(image_size=16, channels=(512, 512)))
-  with pytest.raises(ValueError, match=r'reference_layout=False \(checkpoint: True\)'):
+  with pytest.raises(ValueError,
+                     match=r'reference_layout=False \(checkpoint: True\)'):
     convert.config_for_checkpoint(sd, small_config(
         image_size=16, channels=(512, 512), hdim=4, reference_layout=False))
   del sd['encoder.main.res_in_8.conv_expand.weight']
@@ -211,7 +215,8 @@ def test_converted_model_computes_what_the_reference_computes():
 
 
 def test_command_line_import_then_export(tmp_path):
-  """.pth -> `--out` workdir (restored as the training loop restores) -> .pth."""
+  """.pth -> `--out` workdir (restored as the training loop restores) ->
+  .pth."""
   config = small_config(**CONFIGS['quirk_512_16px'])
   model = random_reference_model(config)
   save_as_the_reference_does(model, str(tmp_path / 'ref.pth'))
@@ -291,7 +296,8 @@ def test_bad_reference_files_are_named_before_anything_is_written(tmp_path):
                      match=f'{garbage} is not a readable PyTorch checkpoint'):
     convert.convert_reference(str(garbage), out)
   torch.save({'weights': torch.zeros(2)}, str(tmp_path / 'other.pth'))
-  with pytest.raises(errors.UserError, match='other.pth: No encoder.main.res_in_'):
+  with pytest.raises(errors.UserError,
+                     match='other.pth: No encoder.main.res_in_'):
     convert.convert_reference(str(tmp_path / 'other.pth'), out)
   assert not os.path.exists(out)
   os.makedirs(os.path.join(out, 'checkpoints', '0'))

@@ -62,7 +62,8 @@ def test_feature_statistics_is_float64_numpy_cov():
   feats = np.random.RandomState(3).randn(50, 4).astype(np.float32)
   mu, sigma = evaluation.feature_statistics(feats)
   assert mu.dtype == sigma.dtype == np.float64
-  np.testing.assert_allclose(sigma, np.cov(feats.astype(np.float64), rowvar=False))
+  np.testing.assert_allclose(sigma,
+                             np.cov(feats.astype(np.float64), rowvar=False))
 
 
 def test_frechet_distance_offsets_a_singular_product(monkeypatch):
@@ -145,8 +146,9 @@ def test_polynomial_kernel_matches_sklearn():
   pairwise = pytest.importorskip('sklearn.metrics.pairwise')
   rs = np.random.RandomState(7)
   x, y = rs.randn(9, 4), rs.randn(6, 4)
-  np.testing.assert_allclose(evaluation.polynomial_kernel(x, y),
-                             pairwise.polynomial_kernel(x, y, degree=3, coef0=1))
+  np.testing.assert_allclose(
+      evaluation.polynomial_kernel(x, y),
+      pairwise.polynomial_kernel(x, y, degree=3, coef0=1))
 
 
 def test_kid_is_unbiased_on_equal_distributions():
@@ -171,8 +173,8 @@ def test_kid_positive_on_different_distributions():
   x = rs.randn(300, 8)
   same = evaluation.kernel_inception_distance(x, rs.randn(300, 8),
                                               num_subsets=20, subset_size=100)
-  shifted = evaluation.kernel_inception_distance(x, rs.randn(300, 8) + 0.5,
-                                                 num_subsets=20, subset_size=100)
+  shifted = evaluation.kernel_inception_distance(
+      x, rs.randn(300, 8) + 0.5, num_subsets=20, subset_size=100)
   assert shifted['kid_mean'] > 3 * shifted['kid_std'] > 0
   assert shifted['kid_mean'] > 20 * abs(same['kid_mean'])
 
@@ -289,8 +291,8 @@ def test_short_training_learns_and_features_round_trip(tmp_path):
   digits = np.asarray(offline_datasets.mnist()[:8])
   feats = digit_classifier.digit_features(digits, path=path)
   assert feats.shape == (8, digit_classifier.FEATURE_DIM)
-  np.testing.assert_allclose(feats, digit_classifier.digit_features(digits, params),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+      feats, digit_classifier.digit_features(digits, params), rtol=1e-6)
   # 32 px inputs (the offline default's size) are resized to 28 px.
   big = np.pad(digits, ((0, 0), (2, 2), (2, 2), (0, 0)))
   assert digit_classifier.digit_features(big, params).shape == feats.shape
@@ -315,7 +317,8 @@ def test_evaluate_model_on_a_tiny_model():
   out = evaluation.evaluate_model(
       state, config, real, jax.random.PRNGKey(2), batch_size=20,
       swd_min_resolution=8, kid_subset_size=10,
-      feature_extractors={'pixel': lambda x: np.asarray(x).reshape(len(x), -1)[:, :6]},
+      feature_extractors={
+          'pixel': lambda x: np.asarray(x).reshape(len(x), -1)[:, :6]},
       swd_kwargs=dict(nhoods_per_image=4, dir_repeats=1, dirs_per_repeat=8))
   assert set(out) == {'rec_mse', 'rec_psnr', 'kl_real', 'kl_rec', 'kl_fake',
                       'swd_8', 'swd_mean', 'fd_pixel', 'kid_pixel_mean',
@@ -417,7 +420,8 @@ def test_feature_metric_names_and_cache(tmp_path):
   extract = lambda x: calls.append(1) or x * 2
   path = os.path.join(tmp_path, 'stats', 'real.npz')
   first = evaluation.cached_features(path, a, extract)
-  np.testing.assert_array_equal(evaluation.cached_features(path, a, extract), first)
+  np.testing.assert_array_equal(evaluation.cached_features(path, a, extract),
+                                first)
   assert len(calls) == 1
   mu, sigma = evaluation.load_statistics(path)  # pytorch-fid's .npz keys
   np.testing.assert_allclose(mu, (2 * a).mean(0))
@@ -429,7 +433,8 @@ def test_evaluate_workdir(tmp_path):
   import introvae_jax
   from introvae_jax import checkpointing
   config = introvae_jax.base_config()
-  config.dataset, config.image_size, config.image_channels = 'mnist_offline', 8, 1
+  config.dataset, config.image_size, config.image_channels = (
+      'mnist_offline', 8, 1)
   config.channels, config.hdim, config.batch_size = (4,), 4, 4
   # A workdir as the training loop leaves it: config.json and a checkpoint.
   workdir = str(tmp_path / 'run')

@@ -65,7 +65,8 @@ def _env(emulator, cache_dir, scratch):
   env = emulator.child_env()
   env.update(JAX_COMPILATION_CACHE_DIR=cache_dir,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-             JAX_PLATFORMS='cpu', PYTHONPATH=REPO, TMPDIR=scratch.tmp)  # INTROVAE_CACHE: conftest's
+             JAX_PLATFORMS='cpu', PYTHONPATH=REPO,
+             TMPDIR=scratch.tmp)  # INTROVAE_CACHE: conftest's
   env.pop('XLA_FLAGS', None)
   return env
 
@@ -92,7 +93,8 @@ def _finish(proc, scratch, what):
   except subprocess.TimeoutExpired:
     proc.kill()
     proc.wait()
-    pytest.fail(f'{what} timed out after {CHILD_TIMEOUT_S} s:\n{scratch.tail()}')
+    pytest.fail(
+        f'{what} timed out after {CHILD_TIMEOUT_S} s:\n{scratch.tail()}')
   assert proc.returncode == 0, (
       f'{what} failed (exit {proc.returncode}):\n{scratch.tail()}')
   assert not scratch.local_gs_folders(), (
@@ -146,12 +148,14 @@ def _assert_run_outputs(emulator, bucket, run):
   assert _complete_steps(emulator, bucket, run) == [2, 4, 6], sorted(names)
   assert f'{run}/config.json' in names, sorted(names)
   assert b'"num_train_steps": 6' in emulator.read(bucket, f'{run}/config.json')
-  assert any(n.startswith(f'{run}/events.out.tfevents.') for n in names), sorted(names)
+  assert any(n.startswith(f'{run}/events.out.tfevents.')
+             for n in names), sorted(names)
   for kind in ('real', 'reconstruction', 'samples'):
     for step in (3, 6):
       image = f'{run}/images/{kind}_{step:08d}.png'
       assert image in names, sorted(names)
-  assert emulator.read(bucket, f'{run}/images/samples_00000006.png').startswith(PNG)
+  assert emulator.read(
+      bucket, f'{run}/images/samples_00000006.png').startswith(PNG)
 
 
 @pytest.mark.slow
@@ -203,7 +207,8 @@ def test_every_writer_reaches_the_emulator(gcs_emulator, gcs_bucket, tmp_path): 
     proc = subprocess.run([sys.executable, '-c', script], cwd=scratch.cwd,
                           env=env, stdout=log,
                           stderr=subprocess.STDOUT, timeout=CHILD_TIMEOUT_S)
-  assert proc.returncode == 0 and 'ALL WRITERS OK' in scratch.tail(), scratch.tail()
+  assert proc.returncode == 0 and 'ALL WRITERS OK' in scratch.tail(), (
+      scratch.tail())
   assert not scratch.local_gs_folders()
   names = gcs_emulator.list(gcs_bucket, 'probe/')
   assert 'probe/ckpt/2/commit_success.txt' in names, names
@@ -262,13 +267,15 @@ def test_gs_workdir_train_kill9_resume_evaluate_sample(
   _assert_run_outputs(emulator, bucket, 'run')
 
   # The resumed run's metrics, read from the bucket, equal the reference's.
-  want = _bucket_scalars(emulator, bucket, 'full', str(tmp_path / 'events_full'))
+  want = _bucket_scalars(emulator, bucket, 'full',
+                         str(tmp_path / 'events_full'))
   got = _bucket_scalars(emulator, bucket, 'run', str(tmp_path / 'events_run'))
   # It resumed (from the bucket's newest checkpoint), not started over.
   assert _first_logged_step(str(tmp_path / 'events_run')) == killed_at[-1] + 1
   assert SCALAR_TAGS <= set(want), SCALAR_TAGS - set(want)
   assert sorted(want['loss_e']) == list(range(1, STEPS + 1))
-  assert sorted(got['loss_e']) == list(range(1, STEPS + 1)), sorted(got['loss_e'])
+  assert sorted(got['loss_e']) == list(range(1, STEPS + 1)), (
+      sorted(got['loss_e']))
   assert sorted(want['eval/rec_psnr']) == [3, 6]
   for tag in ('loss_e', 'loss_g', 'kl_rec', 'kl_fake', 'grad_norm_g'):
     for step in range(killed_at[-1] + 1, STEPS + 1):
@@ -280,15 +287,18 @@ def test_gs_workdir_train_kill9_resume_evaluate_sample(
   sample, sample_scratch = start('sample', [
       sys.executable, '-m', 'introvae_jax.sample', f'--workdir=gs://{bucket}/run',
       f'--out=gs://{bucket}/samples', '--num=4', '--interpolation_steps=2'])
-  _finish(evaluate, evaluate_scratch, 'introvae_jax.evaluation on the gs:// run')
+  _finish(evaluate, evaluate_scratch,
+          'introvae_jax.evaluation on the gs:// run')
   results = json.loads(emulator.read(bucket, 'full/eval_00000006_batch.json'))
   assert results['step'] == STEPS and results['num_images'] == 16, results
   assert np.isfinite(results['rec_psnr']), results
   _finish(sample, sample_scratch, 'introvae_jax.sample on the gs:// run')
   names = emulator.list(bucket, 'samples/')
-  for name in ('samples.png', 'reconstructions.png', 'interpolation_linear.png',
-               'interpolation_slerp.png', 'samples/0000.png', 'samples/0003.png'):
+  for name in ('samples.png', 'reconstructions.png',
+               'interpolation_linear.png', 'interpolation_slerp.png',
+               'samples/0000.png', 'samples/0003.png'):
     assert f'samples/{name}' in names, names
     assert emulator.read(bucket, f'samples/{name}').startswith(PNG)
   if not repo_had_gs:
-    assert not os.path.exists(repo_gs), 'a gs:// path was written under the repo'
+    assert not os.path.exists(repo_gs), (
+        'a gs:// path was written under the repo')

@@ -89,7 +89,8 @@ class BlockC(nn.Module):
     for i in range(2, 6):
       d = getattr(self, f'branch7x7dbl_{i}')(d)
     return torch.cat([
-        self.branch1x1(x), self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x))),
+        self.branch1x1(x),
+        self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x))),
         d, self.branch_pool(_avg(x))], 1)
 
 
@@ -99,8 +100,10 @@ class BlockD(nn.Module):
     self.branch3x3_1 = BasicConv2d(cin, 192, kernel_size=1)
     self.branch3x3_2 = BasicConv2d(192, 320, kernel_size=3, stride=2)
     self.branch7x7x3_1 = BasicConv2d(cin, 192, kernel_size=1)
-    self.branch7x7x3_2 = BasicConv2d(192, 192, kernel_size=(1, 7), padding=(0, 3))
-    self.branch7x7x3_3 = BasicConv2d(192, 192, kernel_size=(7, 1), padding=(3, 0))
+    self.branch7x7x3_2 = BasicConv2d(192, 192, kernel_size=(1, 7),
+                                     padding=(0, 3))
+    self.branch7x7x3_3 = BasicConv2d(192, 192, kernel_size=(7, 1),
+                                     padding=(3, 0))
     self.branch7x7x3_4 = BasicConv2d(192, 192, kernel_size=3, stride=2)
 
   def forward(self, x):
@@ -117,12 +120,16 @@ class BlockE(nn.Module):
     self.max_pool = max_pool
     self.branch1x1 = BasicConv2d(cin, 320, kernel_size=1)
     self.branch3x3_1 = BasicConv2d(cin, 384, kernel_size=1)
-    self.branch3x3_2a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
-    self.branch3x3_2b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
+    self.branch3x3_2a = BasicConv2d(384, 384, kernel_size=(1, 3),
+                                    padding=(0, 1))
+    self.branch3x3_2b = BasicConv2d(384, 384, kernel_size=(3, 1),
+                                    padding=(1, 0))
     self.branch3x3dbl_1 = BasicConv2d(cin, 448, kernel_size=1)
     self.branch3x3dbl_2 = BasicConv2d(448, 384, kernel_size=3, padding=1)
-    self.branch3x3dbl_3a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
-    self.branch3x3dbl_3b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
+    self.branch3x3dbl_3a = BasicConv2d(384, 384, kernel_size=(1, 3),
+                                       padding=(0, 1))
+    self.branch3x3dbl_3b = BasicConv2d(384, 384, kernel_size=(3, 1),
+                                       padding=(1, 0))
     self.branch_pool = BasicConv2d(cin, 192, kernel_size=1)
 
   def forward(self, x):
@@ -159,7 +166,8 @@ class FIDInception(nn.Module):
     x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
     x = F.max_pool2d(x, 3, stride=2)
     x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), 3, stride=2)
-    for name in ('5b', '5c', '5d', '6a', '6b', '6c', '6d', '6e', '7a', '7b', '7c'):
+    for name in ('5b', '5c', '5d', '6a', '6b', '6c', '6d', '6e', '7a', '7b',
+                 '7c'):
       x = getattr(self, f'Mixed_{name}')(x)
     return F.adaptive_avg_pool2d(x, (1, 1)).flatten(1)
 
@@ -170,7 +178,8 @@ def _randomize(model, seed=0):
   for m in model.modules():
     if isinstance(m, nn.Conv2d):
       fan_in = m.weight[0].numel()
-      m.weight.data = torch.randn(m.weight.shape, generator=g) * (2 / fan_in) ** 0.5
+      m.weight.data = (torch.randn(m.weight.shape, generator=g)
+                       * (2 / fan_in) ** 0.5)
     elif isinstance(m, nn.BatchNorm2d):
       n = m.num_features
       m.weight.data = 0.5 + torch.rand(n, generator=g)
@@ -201,8 +210,8 @@ def test_features_match_the_torch_network(models, tmp_path):
   # The .npz round trip gives the same features.
   path = os.path.join(tmp_path, 'w.npz')
   inception.save_npz(params, path)
-  np.testing.assert_array_equal(inception.features(inception.load(path), images),
-                                got)
+  np.testing.assert_array_equal(
+      inception.features(inception.load(path), images), got)
 
 
 def test_pools_and_resize_match_torch():
@@ -218,18 +227,19 @@ def test_pools_and_resize_match_torch():
                              back(F.max_pool2d(t, 3, 1, 1)))
   for size in (299, 5):  # up and down, no antialiasing
     sq = rs.rand(1, 16, 16, 3).astype(np.float32)
-    expected = F.interpolate(torch.tensor(sq.transpose(0, 3, 1, 2)), size=(size, size),
-                             mode='bilinear', align_corners=False)
-    np.testing.assert_allclose(inception.resize_bilinear(sq, size), back(expected),
-                               rtol=1e-5, atol=1e-6)
+    expected = F.interpolate(torch.tensor(sq.transpose(0, 3, 1, 2)),
+                             size=(size, size), mode='bilinear',
+                             align_corners=False)
+    np.testing.assert_allclose(inception.resize_bilinear(sq, size),
+                               back(expected), rtol=1e-5, atol=1e-6)
 
 
 def test_gray_images_are_tiled(models):
   _, params = models
   gray = np.random.RandomState(2).rand(2, 32, 32, 1)  # same compiled shape
-  np.testing.assert_allclose(inception.features(params, gray),
-                             inception.features(params, np.tile(gray, (1, 1, 1, 3))),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+      inception.features(params, gray),
+      inception.features(params, np.tile(gray, (1, 1, 1, 3))), rtol=1e-6)
 
 
 def test_missing_weights_message(tmp_path):
@@ -244,7 +254,8 @@ def test_matches_pytorch_fid():
       {k.split('.', 1)[1]: v for k, v in model.state_dict().items()})
   images = np.random.RandomState(3).rand(2, 32, 32, 3)
   with torch.no_grad():
-    expected = model(torch.tensor(images.transpose(0, 3, 1, 2)))[0].flatten(1).numpy()
+    expected = model(
+        torch.tensor(images.transpose(0, 3, 1, 2)))[0].flatten(1).numpy()
   np.testing.assert_allclose(inception.features(params, images), expected,
                              rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
@@ -307,7 +318,8 @@ def test_pth_is_read_without_torch(tmp_path, monkeypatch, zip_format):
   state_dict = {}
   for name, (cout, cin) in {'Conv2d_1a_3x3': (4, 3),
                             'Mixed_7c.branch_pool': (2, 4)}.items():
-    state_dict[f'{name}.conv.weight'] = torch.randn(cout, cin, 3, 3, generator=g)
+    state_dict[f'{name}.conv.weight'] = torch.randn(cout, cin, 3, 3,
+                                                    generator=g)
     state_dict[f'{name}.bn.weight'] = torch.rand(cout, generator=g) + 0.5
     state_dict[f'{name}.bn.bias'] = torch.randn(cout, generator=g)
     state_dict[f'{name}.bn.running_mean'] = torch.randn(cout, generator=g)

@@ -5,8 +5,9 @@ import ast
 import graphlib
 import os
 
-PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                       'introvae_jax')
+PACKAGE = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    'introvae_jax')
 
 
 def package_imports():

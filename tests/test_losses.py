@@ -37,7 +37,8 @@ def test_kl_matches_numpy():
 def test_kl_is_nonnegative_and_zero_at_the_prior():
   rs = np.random.RandomState(1)
   mu = rs.randn(200, 3).astype(np.float32) * rs.choice([1e-3, 1, 10], (200, 1))
-  logvar = (rs.randn(200, 3) * rs.choice([1e-3, 1, 5], (200, 1))).astype(np.float32)
+  logvar = (rs.randn(200, 3)
+            * rs.choice([1e-3, 1, 5], (200, 1))).astype(np.float32)
   assert np.all(np.asarray(losses.kl_divergence(mu, logvar)) >= 0)
   zero = np.zeros((2, 3), np.float32)
   np.testing.assert_array_equal(losses.kl_divergence(zero, zero), [0.0, 0.0])
@@ -74,7 +75,8 @@ def test_hinge_acts_on_the_batch_mean_kl():
   kl_rec, kl_real, loss_rec = 3.0, 1.5, 40.0
   got = losses.encoder_loss(loss_rec, kl_real, kl_rec, kl_fake, **w)
   expected = 0.3 * loss_rec + 0.7 * (
-      kl_real + 0.5 * 0.9 * (np_relu(MARGIN - kl_rec) + np_relu(MARGIN - kl_fake)))
+      kl_real + 0.5 * 0.9 * (np_relu(MARGIN - kl_rec)
+                             + np_relu(MARGIN - kl_fake)))
   np.testing.assert_allclose(got, expected, rtol=1e-6)
   # The per-example hinge would give a different (larger) loss here.
   per_example = np.mean([np_relu(MARGIN - k) for k in KL_FAKE_PER_EXAMPLE])
@@ -83,7 +85,8 @@ def test_hinge_acts_on_the_batch_mean_kl():
   # And its gradient: zero for every fake example while the mean is past m.
   def loss_of_fake_kls(kls):
     return losses.encoder_loss(loss_rec, kl_real, kl_rec, kls.mean(), **w)
-  grad = jax.grad(loss_of_fake_kls)(jnp.asarray(KL_FAKE_PER_EXAMPLE, jnp.float32))
+  grad = jax.grad(loss_of_fake_kls)(
+      jnp.asarray(KL_FAKE_PER_EXAMPLE, jnp.float32))
   np.testing.assert_array_equal(grad, np.zeros(4))
 
 
@@ -107,6 +110,7 @@ def test_decoder_loss_and_vae_loss():
       rtol=1e-6)
 
 
-@pytest.mark.parametrize('kl_mean,expected', [(3.0, 5.0), (8.0, 0.0), (9.5, 0.0)])
+@pytest.mark.parametrize('kl_mean,expected',
+                         [(3.0, 5.0), (8.0, 0.0), (9.5, 0.0)])
 def test_margin_hinge(kl_mean, expected):
   assert float(losses.margin_hinge(kl_mean, 8.0)) == expected

@@ -1,4 +1,5 @@
-"""Model structure: parameter counts, BatchNorm semantics, block layout, shapes."""
+"""Model structure: parameter counts, BatchNorm semantics, block layout,
+shapes."""
 
 import jax
 import jax.numpy as jnp
@@ -10,13 +11,15 @@ from introvae_jax import models
 
 
 def param_shapes(module, *input_shape):
-  """The module's variables as shapes only (jax.eval_shape: nothing compiles)."""
+  """The module's variables as shapes only (jax.eval_shape: nothing
+  compiles)."""
   return jax.eval_shape(module.init, jax.random.PRNGKey(0),
                         jax.ShapeDtypeStruct(input_shape, jnp.float32))
 
 
 def count(tree):
-  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(tree))
+  return sum(int(np.prod(leaf.shape))
+             for leaf in jax.tree_util.tree_leaves(tree))
 
 
 def encoder_decoder(channels, reference_layout=True, hdim=512):
@@ -64,7 +67,8 @@ def test_reference_layout_off_drops_exactly_the_extra_1x1_convs(channels):
     paths = lambda t: {jax.tree_util.keystr(p): leaf.shape for p, leaf in
                        jax.tree_util.tree_flatten_with_path(t)[0]}
     dropped = set(paths(with_extra)) - set(paths(without))
-    assert dropped == {f"['{b}']['conv_expand']['kernel']" for b in extra_blocks}
+    assert dropped == {f"['{b}']['conv_expand']['kernel']"
+                       for b in extra_blocks}
     assert not set(paths(without)) - set(paths(with_extra))
     for p, shape in paths(without).items():
       assert paths(with_extra)[p] == shape
@@ -152,7 +156,8 @@ def np_leaky_relu(v):
 
 @pytest.mark.parametrize('skip_conv', [True, False])
 def test_residual_block_layout(skip_conv):
-  """skip = 1x1(x) or x; h = lrelu(BN(conv3(x))); out = lrelu(BN(conv3(h) + skip))."""
+  """skip = 1x1(x) or x; h = lrelu(BN(conv3(x)));
+  out = lrelu(BN(conv3(h) + skip))."""
   rs = np.random.RandomState(1)
   c_in = 3 if skip_conv else 5
   x = rs.randn(2, 4, 4, c_in).astype(np.float32)
@@ -166,7 +171,8 @@ def test_residual_block_layout(skip_conv):
   out = apply({'params': params, 'batch_stats': variables['batch_stats']}, x)
   bn = lambda v, p: torch_batchnorm(v, p['scale'], p['bias'], 0.0, 1.0)[0]
   skip = np_conv_same(x, params['conv_expand']['kernel']) if skip_conv else x
-  h = np_leaky_relu(bn(np_conv_same(x, params['conv1']['kernel']), params['bn1']))
+  h = np_leaky_relu(bn(np_conv_same(x, params['conv1']['kernel']),
+                       params['bn1']))
   h = np_conv_same(h, params['conv2']['kernel'])
   expected = np_leaky_relu(bn(h + skip, params['bn2']))
   np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
@@ -178,7 +184,8 @@ def test_residual_block_layout(skip_conv):
 @pytest.mark.parametrize('image_channels', [1, 3])
 def test_conv_model_shapes(image_channels):
   encoder = models.Encoder(channels=(4, 8), hdim=5)
-  decoder = models.Decoder(channels=(4, 8), hdim=5, image_channels=image_channels)
+  decoder = models.Decoder(channels=(4, 8), hdim=5,
+                           image_channels=image_channels)
   enc_vars = param_shapes(encoder, 2, 16, 16, image_channels)
   dec_vars = param_shapes(decoder, 2, 5)
   (mu, logvar), _ = jax.eval_shape(
@@ -203,10 +210,12 @@ def test_mlp_shapes_and_layout():
   decoder = models.MLPDecoder(data_dim=2, hidden=(16, 8, 4))
   enc = param_shapes(encoder, 5, 2)['params']
   dec = param_shapes(decoder, 5, 3)['params']
-  assert [enc[f'fc_{i}']['kernel'].shape for i in range(3)] == [(2, 16), (16, 8), (8, 4)]
+  assert [enc[f'fc_{i}']['kernel'].shape for i in range(3)] == [
+      (2, 16), (16, 8), (8, 4)]
   assert enc['fc_out']['kernel'].shape == (4, 6)
   # The decoder mirrors the encoder.
-  assert [dec[f'fc_{i}']['kernel'].shape for i in range(3)] == [(3, 4), (4, 8), (8, 16)]
+  assert [dec[f'fc_{i}']['kernel'].shape for i in range(3)] == [
+      (3, 4), (4, 8), (8, 16)]
   assert dec['fc_out']['kernel'].shape == (16, 2)
 
 

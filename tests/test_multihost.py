@@ -35,7 +35,8 @@ from conftest import REPO_ROOT, assert_trees_close, tiny_batch, tiny_config
 import introvae_jax
 from introvae_jax import checkpointing, parallel, sampling, train
 from test_pmap import config_for  # its margin splits the 4 devices' shards
-from train_utils import tiny_config as default_tiny_config  # configs/default.py, tiny
+# configs/default.py, tiny
+from train_utils import tiny_config as default_tiny_config
 
 PROCESSES = 2
 LOCAL_DEVICES = 2
@@ -85,7 +86,8 @@ def _load(path):
 
 @pytest.mark.slow
 def test_two_processes_match_one_device(tmp_path):
-  _run_workers('step', str(tmp_path), str(tmp_path), env={'JAX_ENABLE_X64': '1'})
+  _run_workers('step', str(tmp_path), str(tmp_path),
+               env={'JAX_ENABLE_X64': '1'})
   hosts = [_load(tmp_path / f'state_{i}.npz') for i in range(PROCESSES)]
   single = _load(tmp_path / 'single.npz')
   assert int(hosts[0]['.step']) == STEPS
@@ -107,7 +109,8 @@ def test_two_process_training_run(tmp_path):
   assert sorted(os.listdir(workdir / 'checkpoints')) == [str(STEPS)]
   assert len(glob.glob(str(workdir / 'events.out.tfevents.*'))) == 1
   assert sorted(os.listdir(workdir / 'images')) == [
-      f'{kind}_{STEPS:08d}.png' for kind in ('real', 'reconstruction', 'samples')]
+      f'{kind}_{STEPS:08d}.png'
+      for kind in ('real', 'reconstruction', 'samples')]
   assert os.path.exists(workdir / 'config.json')
 
 

@@ -25,7 +25,8 @@ STEPS = 20
 REPORT = '''
 import json, sys
 print('REPORT ' + json.dumps({'python': sys.executable, 'metrics': metrics,
-                              'curves': sorted(curves), 'step': int(state1.step),
+                              'curves': sorted(curves),
+                              'step': int(state1.step),
                               'trained_step': int(state.step)}))
 '''
 
@@ -91,12 +92,14 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
   report = json.loads(out.split('REPORT ', 1)[1])
   assert os.path.realpath(report['python']) == os.path.realpath(sys.executable)
 
-  # The training run: a complete checkpoint of the last step, image grids, curves.
+  # The training run: a complete checkpoint of the last step, image grids,
+  # curves.
   assert report['trained_step'] == STEPS
   assert (workdir / 'checkpoints' / str(STEPS) / 'commit_success.txt').exists()
   for kind in ('real', 'reconstruction', 'samples'):
     assert (workdir / 'images' / f'{kind}_{STEPS:08d}.png').exists(), kind
-  assert {'loss_e', 'loss_g', 'kl_real', 'kl_rec', 'kl_fake'} <= set(report['curves'])
+  assert ({'loss_e', 'loss_g', 'kl_real', 'kl_rec', 'kl_fake'}
+          <= set(report['curves']))
   assert (copy_to / 'checkpoints' / str(STEPS) / 'commit_success.txt').exists()
   # The grids and the loss curves were drawn inline.
   images = [o for c in nb.cells if c.cell_type == 'code' for o in c.outputs
@@ -106,4 +109,5 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
   # The train_step cell: one step from a fresh state, finite metrics.
   assert report['step'] == 1
   assert report['metrics']['finite'] == 1.0
-  assert all(math.isfinite(v) for v in report['metrics'].values()), report['metrics']
+  assert all(math.isfinite(v) for v in report['metrics'].values()), (
+      report['metrics'])

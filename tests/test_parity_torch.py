@@ -153,7 +153,8 @@ def compare_states(state, model, opt_e, opt_g):
     names = reference_names(getattr(adam_e, moment), getattr(adam_g, moment),
                             state.batch_stats_e, state.batch_stats_g)
     out[f'adam_{moment}'] = worst({
-        k: (names[k], torch_states[k][torch_key].numpy()) for k in torch_states})
+        k: (names[k], torch_states[k][torch_key].numpy())
+        for k in torch_states})
   counts = {int(adam_e.count), int(adam_g.count)} | {
       int(st['step']) for st in torch_states.values()}
   if len(counts) != 1:
@@ -215,7 +216,8 @@ def _check_forward(config, batch):
   t_out = model.decoder(to_torch(z, torch.float32)).permute(0, 2, 3, 1)
   for name, a, b in (('mu', mu, t_mu), ('logvar', logvar, t_logvar),
                      ('decoder output', out, t_out)):
-    assert rel_err(a, b.detach().numpy()) < 1e-5, (name, rel_err(a, b.detach().numpy()))
+    assert rel_err(a, b.detach().numpy()) < 1e-5, (
+        name, rel_err(a, b.detach().numpy()))
   stats = convert.variables_to_torch_arrays(state.params_e, stats_e,
                                             state.params_g, stats_g)
   sd = model.state_dict()

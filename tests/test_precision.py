@@ -84,7 +84,8 @@ def test_bfloat16_keeps_parameters_optimiser_state_and_losses_in_float32(
     assert value.dtype == np.float32, name
 
 
-def test_bfloat16_gradients_within_15_percent_of_float32(float32_run, bfloat16_run):
+def test_bfloat16_gradients_within_15_percent_of_float32(float32_run,
+                                                         bfloat16_run):
   for net, g32, g16 in zip('EG', step_gradients(float32_run[0][0]),
                            step_gradients(bfloat16_run[0][0])):
     a, b = _flat(g32), _flat(g16)
@@ -118,7 +119,8 @@ def test_remat_gives_the_same_step():
   assert_trees_close(remat[0][0].batch_stats_e, plain[0][0].batch_stats_e,
                      rtol=1e-5, atol_scale=1e-6, what='stats E')
   for name, value in plain[1][0].items():
-    np.testing.assert_allclose(remat[1][0][name], value, rtol=1e-5, err_msg=name)
+    np.testing.assert_allclose(remat[1][0][name], value, rtol=1e-5,
+                               err_msg=name)
 
 
 def test_remat_keeps_the_parameter_layout():

@@ -66,8 +66,10 @@ def test_damaged_checkpoints_are_skipped_moved_aside_and_run_resumes(tmp_path):
   state = checkpointing.latest_state(str(workdir), config)
   assert int(state.step) == 1 and sorted(os.listdir(ckpt)) == ['1', '2', '3']
 
-  with pytest.raises(checkpointing.DamagedCheckpointError, match='step 2: its metadata'):
-    checkpointing.restore(checkpointing.make_manager(str(workdir)), config, step=2)
+  with pytest.raises(checkpointing.DamagedCheckpointError,
+                     match='step 2: its metadata'):
+    checkpointing.restore(checkpointing.make_manager(str(workdir)), config,
+                          step=2)
 
   final = _train(workdir, 4)
   assert int(final.step) == 4
@@ -79,7 +81,8 @@ def test_damaged_checkpoints_are_skipped_moved_aside_and_run_resumes(tmp_path):
   assert complete_steps(str(workdir)) == [1, 2, 3, 4]  # 2-4 written again
 
 
-def test_no_restorable_checkpoint_is_one_clear_error_and_changes_nothing(tmp_path):
+def test_no_restorable_checkpoint_is_one_clear_error_and_changes_nothing(
+    tmp_path):
   workdir = tmp_path / 'run'
   _train(workdir, 2)
   for step in ('1', '2'):
@@ -157,7 +160,8 @@ def test_identity_and_free_fields_partition_the_schema():
 
 # --- 5, 6, 7. signals, one writer, TensorBoard after kills -------------------
 
-KILL_FLAGS = ['--config.log_every_steps=1', '--config.checkpoint_every_steps=50',
+KILL_FLAGS = ['--config.log_every_steps=1',
+              '--config.checkpoint_every_steps=50',
               '--config.image_every_steps=1000']
 
 
@@ -265,8 +269,10 @@ def test_second_signal_aborts_at_once():
     (['--config=configs/nonexistent.py'], ['--config', 'nonexistent.py']),
     (['--config.image_size=20'], ['image_size=20']),
     (['--config.batch_size=7'], ['batch_size=7', '2 devices']),
-], ids=['unknown-field', 'missing-config-file', 'invalid-value', 'batch-vs-devices'])
-def test_main_user_errors_are_one_line_exit_2(tmp_path, flags, names, cache_dir):
+], ids=['unknown-field', 'missing-config-file', 'invalid-value',
+        'batch-vs-devices'])
+def test_main_user_errors_are_one_line_exit_2(tmp_path, flags, names,
+                                              cache_dir):
   cmd = main_cmd(str(tmp_path / 'run'), 1) + flags
   child_env = dict(env(cache_dir),
                    XLA_FLAGS='--xla_force_host_platform_device_count=2')
@@ -282,7 +288,8 @@ def test_main_user_errors_are_one_line_exit_2(tmp_path, flags, names, cache_dir)
 
 
 def test_float64_without_x64_is_refused_in_the_library():
-  """Was: dtype='float64' silently computed in float32 without JAX_ENABLE_X64."""
+  """Was: dtype='float64' silently computed in float32 without
+  JAX_ENABLE_X64."""
   assert not jax.config.jax_enable_x64
   with pytest.raises(ConfigError, match='JAX_ENABLE_X64=1'):
     configuration.validate(tiny_config(dtype='float64'))
@@ -300,8 +307,10 @@ def test_main_enables_x64_for_float64(tmp_path):
       from introvae_jax import checkpointing, train
       def fake_train(config, workdir):
         state = checkpointing.abstract_state(config)
-        dtypes = {str(l.dtype) for l in jax.tree_util.tree_leaves(state.params_e)}
-        print('x64', jax.config.jax_enable_x64, jnp.zeros(1).dtype, sorted(dtypes))
+        dtypes = {str(l.dtype)
+                  for l in jax.tree_util.tree_leaves(state.params_e)}
+        print('x64', jax.config.jax_enable_x64, jnp.zeros(1).dtype,
+              sorted(dtypes))
       train.train_and_evaluate = fake_train
       app.run(main.main, argv=sys.argv)
   """)
@@ -350,7 +359,8 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_ones(tiny_disk):
   _train(workdir, 2)
   before = {s: dir_digest(workdir / 'checkpoints' / s) for s in ('1', '2')}
   _fill(tiny_disk, leave_bytes=96 << 10)  # room for logs, not a checkpoint
-  with pytest.raises(WorkdirError, match=r'No space left.*steps \[1, 2\].*intact'):
+  with pytest.raises(WorkdirError,
+                     match=r'No space left.*steps \[1, 2\].*intact'):
     _train(workdir, 4, max_to_keep=2)
   for step, digest in before.items():
     assert dir_digest(workdir / 'checkpoints' / step) == digest

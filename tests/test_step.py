@@ -47,7 +47,8 @@ def call(module, params, stats, inputs):
   variables = {'params': params}
   if stats:
     variables['batch_stats'] = stats
-  out, new = module.apply(variables, inputs, train=True, mutable=['batch_stats'])
+  out, new = module.apply(variables, inputs, train=True,
+                          mutable=['batch_stats'])
   return out, new.get('batch_stats', stats)
 
 
@@ -135,7 +136,8 @@ def naive_step(config, st, x, eps, z_p, *, g_step_encoder='updated',
     x_rec = call(decoder, pg, sg1, mu + eps * jnp.exp(0.5 * lv))[0]
     kl_rec = kl(*call(encoder, pe, se1, sg(x_rec))[0])
     kl_fake = kl(*call(encoder, pe, se2, sg(x_fake))[0])
-    margin = kl(mu, lv).mean() + 0.5 * w_neg * (hinge_of(kl_rec) + hinge_of(kl_fake))
+    margin = kl(mu, lv).mean() + 0.5 * w_neg * (
+        hinge_of(kl_rec) + hinge_of(kl_fake))
     return w_rec * sse(x, x_rec).mean() + w_kl * margin
 
   g_e = jax.grad(encoder_loss, argnums=0)(pe, pg)
@@ -223,8 +225,10 @@ def test_matches_naive_reference_float32(phase):
     assert float(metrics['vae_phase']) == float(t < config.num_vae_steps)
     assert_metrics_close(metrics, ref_metrics, rtol=1e-5)
     got_e, got_g = step_gradients(new_state)
-    assert_trees_close(got_e, g_e, rtol=1e-5, atol_scale=1e-5, what=f'{t} grad E')
-    assert_trees_close(got_g, g_g, rtol=1e-5, atol_scale=1e-5, what=f'{t} grad G')
+    assert_trees_close(got_e, g_e, rtol=1e-5, atol_scale=1e-5,
+                       what=f'{t} grad E')
+    assert_trees_close(got_g, g_g, rtol=1e-5, atol_scale=1e-5,
+                       what=f'{t} grad G')
     assert_trees_close(new_state.batch_stats_e, ref_state['se'], rtol=1e-5,
                        atol_scale=1e-5, what=f'{t} stats E')
     assert_trees_close(new_state.batch_stats_g, ref_state['sg'], rtol=1e-5,
@@ -241,8 +245,9 @@ def test_hinge_acts_on_the_batch_mean_kl_in_the_step():
   x = tiny_batch(base)
   eps, z_p = noise_for(state, base)
   encoder, decoder = introvae_jax.build_models(base)
-  kl_fake = np.asarray(kl(*encoder.apply({'params': state.params_e}, decoder.apply(
-      {'params': state.params_g}, z_p))))
+  kl_fake = np.asarray(kl(*encoder.apply(
+      {'params': state.params_e},
+      decoder.apply({'params': state.params_g}, z_p))))
   margin = 0.5 * (kl_fake.min() + kl_fake.mean())
   assert kl_fake.min() < margin < kl_fake.mean()
   config = tiny_config('mlp', adam_b1=0.0, m_plus=float(margin))
@@ -250,7 +255,8 @@ def test_hinge_acts_on_the_batch_mean_kl_in_the_step():
   got_e, _ = step_gradients(new_state)
   st = naive_state(state)
   _, _, (on_mean, _) = naive_step(config, st, x, eps, z_p)
-  _, _, (per_example, _) = naive_step(config, st, x, eps, z_p, hinge='per_example')
+  _, _, (per_example, _) = naive_step(config, st, x, eps, z_p,
+                                      hinge='per_example')
   assert_trees_close(got_e, on_mean, rtol=1e-5, atol_scale=1e-5, what='grad E')
   difference = global_norm(tree_map(jnp.subtract, on_mean, per_example))
   assert difference > 1e-3 * global_norm(on_mean)   # 100x the tolerance
@@ -269,7 +275,8 @@ def reconstruction_grad(config, state, x, eps):
 
 
 def g_step_kl_grad(config, state, params_e, x, eps, z_p):
-  """d(0.5 w_kl (KL(E(G(z))) + KL(E(G(z_p)))))/d decoder params, E = params_e."""
+  """d(0.5 w_kl (KL(E(G(z))) + KL(E(G(z_p)))))/d decoder params,
+  E = params_e."""
   encoder, decoder = introvae_jax.build_models(config)
   (mu, lv), _ = call(encoder, state.params_e, state.batch_stats_e, x)
   z = mu + eps * jnp.exp(0.5 * lv)
@@ -287,7 +294,8 @@ def routing_setup(**overrides):
   x = tiny_batch(config, seed=5)
   eps, z_p = noise_for(state, config)
   # Unjitted: each config would otherwise compile its own step.
-  new_state, metrics = introvae_jax.train_step(state, x, config, noise=(eps, z_p))
+  new_state, metrics = introvae_jax.train_step(state, x, config,
+                                               noise=(eps, z_p))
   return config, state, x, eps, z_p, new_state, metrics
 
 
@@ -300,9 +308,11 @@ def test_decoder_moves_by_an_adam_step_on_the_reconstruction_gradient_alone():
   assert_trees_close(got, expected, rtol=1e-5, atol_scale=1e-5, what='grad G')
   # The parameter change is one Adam step (from a zero state) on that gradient.
   adam_step = tree_map(
-      lambda g: -config.lr_g * g / (jnp.sqrt(g * g) + config.adam_eps), expected)
+      lambda g: -config.lr_g * g / (jnp.sqrt(g * g) + config.adam_eps),
+      expected)
   change = tree_map(jnp.subtract, new_state.params_g, state.params_g)
-  well_conditioned = tree_map(lambda g: np.abs(g) > 1e-4 * np.abs(g).max(), expected)
+  well_conditioned = tree_map(lambda g: np.abs(g) > 1e-4 * np.abs(g).max(),
+                              expected)
   for c, a, ok in zip(*(jax.tree_util.tree_leaves(t) for t in
                         (change, adam_step, well_conditioned))):
     np.testing.assert_allclose(np.asarray(c)[ok], np.asarray(a)[ok], rtol=1e-3)
@@ -324,9 +334,11 @@ def test_decoder_step_sees_the_updated_encoder():
   config, state, x, eps, z_p, frozen_e, _ = routing_setup(lr_e=0.0)
   assert_trees_close(frozen_e.params_e, state.params_e, rtol=0, what='params E')
   expected = tree_map(jnp.add, reconstruction_grad(config, state, x, eps),
-                      g_step_kl_grad(config, state, state.params_e, x, eps, z_p))
+                      g_step_kl_grad(config, state, state.params_e, x, eps,
+                                     z_p))
   _, got_frozen = step_gradients(frozen_e)
-  assert_trees_close(got_frozen, expected, rtol=1e-5, atol_scale=1e-5, what='grad G')
+  assert_trees_close(got_frozen, expected, rtol=1e-5, atol_scale=1e-5,
+                     what='grad G')
   _, _, _, _, _, fast_e, _ = routing_setup(lr_e=5e-2)
   _, got_fast = step_gradients(fast_e)
   difference = global_norm(tree_map(jnp.subtract, got_fast, got_frozen))
@@ -347,7 +359,8 @@ def test_fused_mode_encoder_update_and_pre_update_decoder_step():
   ref_state, ref_metrics = introvae_jax.train_step(state, x, reference,
                                                    noise=(eps, z_p))
   # Its encoder update is the reference mode's.
-  assert_trees_close(step_gradients(fused_state)[0], step_gradients(ref_state)[0],
+  assert_trees_close(step_gradients(fused_state)[0],
+                     step_gradients(ref_state)[0],
                      rtol=1e-5, atol_scale=1e-5, what='grad E')
   assert_trees_close(fused_state.params_e, ref_state.params_e, rtol=1e-5,
                      atol_scale=1e-5, what='params E')
@@ -375,7 +388,8 @@ def test_same_seed_same_run_and_jit_matches_eager():
   eager_state, eager_metrics = introvae_jax.train_step(fresh, x, config)
   jit_state, jit_metrics = runs[0]
   assert_metrics_close(eager_metrics, jit_metrics, rtol=1e-5)
-  for got, expected in zip(step_gradients(eager_state), step_gradients(jit_state)):
+  for got, expected in zip(step_gradients(eager_state),
+                           step_gradients(jit_state)):
     assert_trees_close(got, expected, rtol=1e-5, atol_scale=1e-5, what='grads')
   assert_trees_close(eager_state.batch_stats_e, jit_state.batch_stats_e,
                      rtol=1e-5, atol_scale=1e-5, what='stats E')
@@ -388,7 +402,8 @@ def test_same_seed_same_run_and_jit_matches_eager():
 
 @pytest.mark.parametrize('overrides,message', [
     (dict(image_size=48, channels=(4, 8)), 'image_size=48 is not 4'),
-    (dict(image_size=32, channels=(4, 8)), 'image_size=32 does not match channels'),
+    (dict(image_size=32, channels=(4, 8)),
+     'image_size=32 does not match channels'),
     (dict(mode='introspective'), "mode='introspective'"),
     (dict(arch='transformer'), "arch='transformer'"),
 ], ids=['size', 'channels', 'mode', 'arch'])
@@ -413,9 +428,11 @@ def test_misspelled_config_field_raises():
 
 
 def test_shard_batch_rejects_an_indivisible_batch():
-  with pytest.raises(ValueError, match='batch_size=6 does not divide over 4 devices'):
+  with pytest.raises(ValueError,
+                     match='batch_size=6 does not divide over 4 devices'):
     introvae_jax.shard_batch(np.zeros((6, 2), np.float32), num_devices=4)
-  assert introvae_jax.shard_batch(np.zeros((8, 2)), num_devices=4).shape == (4, 2, 2)
+  assert introvae_jax.shard_batch(
+      np.zeros((8, 2)), num_devices=4).shape == (4, 2, 2)
 
 
 # --------------------------------------------------------------------------
@@ -424,7 +441,8 @@ def test_shard_batch_rejects_an_indivisible_batch():
 
 def to_float64(tree):
   return tree_map(lambda a: jnp.asarray(a, jnp.float64)
-                  if jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating) else a, tree)
+                  if jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating) else a,
+                  tree)
 
 
 def check_x64():
@@ -448,7 +466,8 @@ def test_matches_naive_reference_float64(phase):
     assert_metrics_close(metrics, ref_metrics, rtol=1e-8)
   assert metrics['loss_e'].dtype == jnp.float64
   for name, got, expected in [
-      ('params E', state.params_e, ref['pe']), ('params G', state.params_g, ref['pg']),
+      ('params E', state.params_e, ref['pe']),
+      ('params G', state.params_g, ref['pg']),
       ('stats E', state.batch_stats_e, ref['se']),
       ('stats G', state.batch_stats_g, ref['sg'])]:
     assert_trees_close(got, expected, rtol=1e-8, atol_scale=1e-10, what=name)
@@ -456,15 +475,18 @@ def test_matches_naive_reference_float64(phase):
                               ('Adam G', state.opt_state_g, ref['opt_g'])]:
     count, mu, nu = adam_moments(opt)
     assert int(count) == expected['count'] == num_steps
-    assert_trees_close(mu, expected['mu'], rtol=1e-8, atol_scale=1e-10, what=name)
-    assert_trees_close(nu, expected['nu'], rtol=1e-8, atol_scale=1e-10, what=name)
+    assert_trees_close(mu, expected['mu'], rtol=1e-8, atol_scale=1e-10,
+                       what=name)
+    assert_trees_close(nu, expected['nu'], rtol=1e-8, atol_scale=1e-10,
+                       what=name)
 
 
 # A NumPy MLP, independent of Flax, for finite differences.
 
 def np_mlp(params, h, n_hidden):
   for i in range(n_hidden):
-    h = np.maximum(h @ params[f'fc_{i}']['kernel'] + params[f'fc_{i}']['bias'], 0)
+    h = np.maximum(h @ params[f'fc_{i}']['kernel'] + params[f'fc_{i}']['bias'],
+                   0)
   return h @ params['fc_out']['kernel'] + params['fc_out']['bias']
 
 
@@ -524,7 +546,8 @@ def test_finite_difference_gradients_float64():
     mu, lv = encode(pe, x)
     hinge = lambda v: max(m - np_kl(*encode(pe, v)).mean(), 0.0)
     return (w_rec * sse_mean(decode(pg0, reparam(mu, lv))) +
-            w_kl * (np_kl(mu, lv).mean() + 0.5 * w_neg * (hinge(x_rec0) + hinge(x_fake0))))
+            w_kl * (np_kl(mu, lv).mean() +
+                    0.5 * w_neg * (hinge(x_rec0) + hinge(x_fake0))))
 
   pe1 = to_numpy(new_state.params_e)
   def loss_g(pg):   # w_rec * L_AE (kept from the E step) + L_G with E'

@@ -106,7 +106,8 @@ def test_histogram_kl_against_scipy_entropy():
   np.testing.assert_allclose(p.sum() * _bins_area(scale, bins), 1.0)
   assert np.all(q[p > 0] > 0)
   out = toy2d.histogram_divergences(real, fake, scale, bins)
-  expected = stats.entropy(p.ravel(), q.ravel()) / (_bins_area(scale, bins) * bins)
+  expected = (stats.entropy(p.ravel(), q.ravel())
+              / (_bins_area(scale, bins) * bins))
   np.testing.assert_allclose(out['kl'], expected, rtol=1e-9)
   # Textbook JSD (nats) = scipy's Jensen-Shannon *distance* squared.
   np.testing.assert_allclose(
@@ -115,7 +116,8 @@ def test_histogram_kl_against_scipy_entropy():
   # The reference's "JSD": 0.5 (KL(M||P) + KL(M||Q)) on densities.
   m = 0.5 * (p + q)
   area = _bins_area(scale, bins)
-  kl_m = lambda a: np.sum(m[m > 0] * np.log(m[m > 0] / (a[m > 0] + 1e-14))) / bins
+  kl_m = lambda a: np.sum(
+      m[m > 0] * np.log(m[m > 0] / (a[m > 0] + 1e-14))) / bins
   np.testing.assert_allclose(out['jsd_reference'], 0.5 * (kl_m(p) + kl_m(q)),
                              rtol=1e-9)
   assert 0 < out['jsd'] < np.log(2)
@@ -276,7 +278,8 @@ def test_modes_covered_counts_a_hand_made_sample_set():
   # 2.9 sigma of mode 5, 9 (0.9%) on mode 6, the rest far from every mode.
   def near(i, n, radius):
     angle = rs.uniform(0, 2 * np.pi, n)
-    return centers[i] + radius * std * np.stack([np.cos(angle), np.sin(angle)], 1)
+    return centers[i] + radius * std * np.stack(
+        [np.cos(angle), np.sin(angle)], 1)
   points = np.concatenate([near(0, 500, 0.5), near(3, 300, 2.0),
                            near(5, 10, 2.9), near(6, 9, 0.1),
                            near(1, 181, 3.5)])  # 3.5 sigma: not covered
@@ -284,5 +287,6 @@ def test_modes_covered_counts_a_hand_made_sample_set():
   assert toy2d.modes_covered(points, centers, std) == 3
   assert toy2d.modes_covered(points, centers, std, num_std=4.0) == 4
   assert toy2d.modes_covered(points, centers, std, min_fraction=0.009) == 4
-  real = np.asarray(toy2d.sample_data('8gaussians', jax.random.PRNGKey(0), 5000))
+  real = np.asarray(
+      toy2d.sample_data('8gaussians', jax.random.PRNGKey(0), 5000))
   assert toy2d.modes_covered(real, centers, std) == 8
