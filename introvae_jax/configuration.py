@@ -147,14 +147,21 @@ class Str:
 
 @dataclasses.dataclass(frozen=True)
 class PositiveInts:
-  """A non-empty tuple (or list) of ints >= 1, e.g. layer widths."""
+  """A non-empty tuple (or list) of ints >= 1, e.g. layer widths;
+  `increasing`: strictly increasing, and empty allowed (step boundaries)."""
+  increasing: bool = False
 
   def allowed(self) -> str:
+    if self.increasing:
+      return ('a tuple of increasing ints >= 1, e.g. (10000, 15000), or () '
+              'for none')
     return 'a non-empty tuple of ints >= 1, e.g. (16, 32, 64)'
 
   def problem(self, value) -> Optional[str]:
-    if (not isinstance(value, (tuple, list)) or not value or
-        not all(_is_int(v) and v >= 1 for v in value)):
+    if (not isinstance(value, (tuple, list)) or
+        (not value and not self.increasing) or
+        not all(_is_int(v) and v >= 1 for v in value) or
+        (self.increasing and any(a >= b for a, b in zip(value, value[1:])))):
       return f'must be {self.allowed()}'
     return None
 
@@ -214,9 +221,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.soft_introvae = ml_collections.ConfigDict(dict(
       beta_rec=1.0, beta_kl=1.0, beta_neg=256.0, gamma_r=1e-8))
 
-  # Optimisers: two Adams, no schedule, no clipping, no weight decay.
+  # Optimisers: two Adams, no clipping, no weight decay.
   c.lr_e = 2e-4
   c.lr_g = 2e-4
+  # Both learning rates x lr_decay at each boundary (torch MultiStepLR stepped
+  # per iteration: step i uses lr * lr_decay ** #{b <= i}); () for none.
+  c.lr_boundaries = ()
+  c.lr_decay = 0.1
   c.adam_b1 = 0.9
   c.adam_b2 = 0.999
   c.adam_eps = 1e-8
@@ -309,6 +320,8 @@ CONSTRAINTS = {
     'soft_introvae.gamma_r': _WEIGHT,
     'lr_e': _LR,
     'lr_g': _LR,
+    'lr_boundaries': PositiveInts(increasing=True),
+    'lr_decay': Float(low=0.0, high=1.0, low_open=True),
     'adam_b1': _BETA,
     'adam_b2': _BETA,
     'adam_eps': Float(low=0.0, low_open=True),

@@ -50,10 +50,24 @@ class TrainState:
   skipped_steps: jax.Array   # non-finite updates skipped (on_nonfinite='skip')
 
 
-def make_optimizers(config):
-  """The reference's two Adams (E and G): no schedule, clipping or decay."""
-  adam = lambda lr: optax.adam(lr, b1=config.adam_b1, b2=config.adam_b2,
-                               eps=config.adam_eps)
+def learning_rate_factor(config, step):
+  """The factor on both learning rates at iteration `step`: an optax step
+  schedule, x `lr_decay` at each of `lr_boundaries` (torch `MultiStepLR`
+  stepped once per iteration, as Soft-IntroVAE's 2-D code does)."""
+  return optax.piecewise_constant_schedule(
+      1.0, {b: config.lr_decay for b in config.lr_boundaries})(step)
+
+
+def make_optimizers(config, step=None):
+  """The reference's two Adams (E and G): no clipping or decay; at iteration
+  `step` (the state's, so a resumed run continues the schedule) with the
+  learning rates of the step schedule. The schedule scales Adam's update
+  (its moments do not depend on the rate), so the optimiser states have the
+  same structure with or without one."""
+  factor = (learning_rate_factor(config, step)
+            if step is not None and config.lr_boundaries else 1.0)
+  adam = lambda lr: optax.adam(lr * factor, b1=config.adam_b1,
+                               b2=config.adam_b2, eps=config.adam_eps)
   return adam(config.lr_e), adam(config.lr_g)
 
 
@@ -165,7 +179,7 @@ def train_step(state: TrainState, batch, config: ml_collections.ConfigDict, *,
   bn_axis = axis_name if config.sync_batch_stats else None
   objective = objectives.get(config.objective)
   nets = objectives.Nets(*models.build_models(config, bn_axis),
-                         *make_optimizers(config))
+                         *make_optimizers(config, state.step))
   if noise is None:
     noise = draw_noise(state.rng, state.step, x.shape[0], config.hdim,
                        axis_name, num=len(objective.NOISE))

@@ -89,6 +89,7 @@ def toy_config(dataset: str = '8gaussians') -> ml_collections.ConfigDict:
   c.arch, c.hdim, c.data_dim, c.mlp_hidden = 'mlp', 2, 2, (256, 256, 256)
   c.batch_size = 512
   c.lr_e = c.lr_g = 2e-4
+  c.lr_boundaries, c.lr_decay = (10_000, 15_000), 0.1  # x0.1 at each
   c.num_train_steps = 30_000
   c.num_vae_steps = 2_000
   c.log_every_steps = 1_000
@@ -98,8 +99,6 @@ def toy_config(dataset: str = '8gaussians') -> ml_collections.ConfigDict:
   with c.unlocked():
     c.toy = ml_collections.ConfigDict(dict(
         dataset=name,
-        lr_boundaries=(10_000, 15_000),  # Adam lr x lr_decay at each.
-        lr_decay=0.1,
         num_eval_points=5_000,          # per histogram (real and generated)
         hist_bins=100,
         grid_points=1_024,              # gnELBO grid per axis
@@ -316,35 +315,6 @@ def evaluate(state, config, key) -> Tuple[Dict[str, float], Dict[str, np.ndarray
 # --------------------------------------------------------------------------
 # Training.
 
-def lr_segments(num_steps: int, boundaries, decay: float):
-  """[(start, end, lr factor)] covering [0, num_steps): a step schedule.
-
-  Matches torch `MultiStepLR(milestones, gamma)` stepped once per iteration
-  and optax `piecewise_constant_schedule`: iteration i uses
-  decay ** #{b <= i}.
-  """
-  edges = [0] + [b for b in sorted(boundaries) if 0 < b < num_steps] + [num_steps]
-  out = []
-  for start, end in zip(edges[:-1], edges[1:]):
-    factor = decay ** sum(b <= start for b in boundaries)
-    out.append((start, end, factor))
-  return out
-
-
-def _phase_config(config, factor: float):
-  """config with both learning rates times `factor`, frozen for jit.
-
-  Adam's moments do not depend on the learning rate and its update is
-  -lr * m_hat / (sqrt(v_hat) + eps), so running each constant-lr phase with
-  the scaled rate is exactly the step schedule, through the unmodified
-  `train_step`.
-  """
-  c = ml_collections.ConfigDict(config.to_dict())
-  c.lr_e = config.lr_e * factor
-  c.lr_g = config.lr_g * factor
-  return ml_collections.FrozenConfigDict(c)
-
-
 @functools.lru_cache(maxsize=None)
 def _chunk_fn(config: ml_collections.FrozenConfigDict, num_steps: int):
   """Jitted: `num_steps` train steps under lax.scan, data drawn inside."""
@@ -379,23 +349,23 @@ def train(config, log: Optional[Callable[[str], None]] = print):
   history = []
   every = max(1, config.log_every_steps)
   start_time = time.time()
-  for start, end, factor in lr_segments(config.num_train_steps,
-                                        config.toy.lr_boundaries,
-                                        config.toy.lr_decay):
-    phase = _phase_config(config, factor)
-    step = start
-    while step < end:
-      n = min(every - step % every, end - step)
-      state, metrics = _chunk_fn(phase, n)(state, data_key)
-      step += n
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      if not np.isfinite(metrics['loss_e'] + metrics['loss_g']):
-        raise FloatingPointError(f'Non-finite loss by step {step}: {metrics}')
-      history.append((step, metrics))
-      if log is not None and (step % every == 0 or step == config.num_train_steps):
-        log(f'step {step:6d}  lr x{factor:g}  rec {metrics["loss_rec"]:.4f}  '
-            f'kl_real {metrics["kl_real"]:.3f}  kl_rec {metrics["kl_rec"]:.3f}  '
-            f'kl_fake {metrics["kl_fake"]:.3f}  ({time.time() - start_time:.0f} s)')
+  frozen = ml_collections.FrozenConfigDict(config)
+  step = 0
+  while step < config.num_train_steps:
+    n = min(every - step % every, config.num_train_steps - step)
+    state, metrics = _chunk_fn(frozen, n)(state, data_key)
+    step += n
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not np.isfinite(metrics['loss_e'] + metrics['loss_g']):
+      raise FloatingPointError(f'Non-finite loss by step {step}: {metrics}')
+    history.append((step, metrics))
+    if log is not None and (step % every == 0
+                            or step == config.num_train_steps):
+      factor = float(step_lib.learning_rate_factor(config, step - 1))
+      log(f'step {step:6d}  lr x{factor:g}  rec {metrics["loss_rec"]:.4f}  '
+          f'kl_real {metrics["kl_real"]:.3f}  '
+          f'kl_rec {metrics["kl_rec"]:.3f}  kl_fake {metrics["kl_fake"]:.3f}'
+          f'  ({time.time() - start_time:.0f} s)')
   return state, history
 
 

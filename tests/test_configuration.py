@@ -57,7 +57,9 @@ def _bad_values(spec):
     return [('int', 3), ('None', None)] + ([('empty', '')] if spec.nonempty
                                            else [])
   if isinstance(spec, C.PositiveInts):
-    return [('empty tuple', ()), ('tuple with a 0', (0, 32, 64)),
+    order = ([('not increasing', (10, 10)), ('decreasing', (15, 10))]
+             if spec.increasing else [('empty tuple', ())])
+    return order + [('tuple with a 0', (0, 32, 64)),
             ('negative width', (4, -1)), ('float width', (1.5,)),
             ('bool width', (True,)), ('int', 5), ('str', '16,32'),
             ('None', None)]
@@ -123,6 +125,7 @@ def test_validate_refuses_each_kind_of_bad_value(name):
     ('m_plus', 0), ('eval_split_fraction', 0.0), ('adam_eps', 1e-12),
     ('data_dir', ''), ('allow_changes', ' seed, dataset '),
     ('channels', [128, 256, 512, 512]), ('arch', 'mlp'),
+    ('lr_boundaries', ()), ('lr_boundaries', [10, 20]), ('lr_decay', 1.0),
 ])
 def test_validate_accepts_the_bounds(name, value):
   """The documented bounds and special values (0 = off, -1 = detect, an int

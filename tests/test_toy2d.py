@@ -1,5 +1,6 @@
 """The 2-D toy suite: data generators, metrics, schedule and a short run."""
 
+import functools
 import json
 import os
 import subprocess
@@ -7,11 +8,11 @@ import sys
 
 import jax
 import numpy as np
-import optax
 import pytest
 from scipy import spatial
 from scipy import stats
 
+from introvae_jax import step as step_lib
 from introvae_jax import toy2d
 from conftest import REPO_ROOT
 
@@ -157,38 +158,48 @@ def test_grid_normalized_elbo_by_hand():
 # Schedule.
 
 
-def test_lr_segments_match_optax_and_multisteplr():
-  segs = toy2d.lr_segments(30_000, (10_000, 15_000), 0.1)
-  assert [(a, b) for a, b, _ in segs] == [(0, 10_000), (10_000, 15_000),
-                                          (15_000, 30_000)]
-  np.testing.assert_allclose([f for _, _, f in segs], [1, 0.1, 0.01])
-  sched = optax.piecewise_constant_schedule(1.0, {10_000: 0.1, 15_000: 0.1})
-  for start, end, factor in segs:
-    for i in (start, end - 1):
-      np.testing.assert_allclose(float(sched(i)), factor, rtol=1e-6)
-  assert toy2d.lr_segments(500, (10_000,), 0.1) == [(0, 500, 1.0)]
+def test_learning_rate_factor_is_multisteplr_per_iteration():
+  """Iteration i uses decay ** #{boundaries <= i}, as torch's MultiStepLR
+  stepped after each iteration (Soft-IntroVAE's 2-D loop) gives it."""
+  config = toy2d.toy_config('rings')
+  assert config.lr_boundaries == (10_000, 15_000)
+  for i in (0, 9_999, 10_000, 14_999, 15_000, 29_999):
+    want = 0.1 ** sum(b <= i for b in config.lr_boundaries)
+    np.testing.assert_allclose(
+        float(step_lib.learning_rate_factor(config, i)), want, rtol=1e-6)
+  torch = pytest.importorskip('torch')
+  opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=1.0)
+  sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=(3, 5),
+                                               gamma=0.5)
+  config.lr_boundaries, config.lr_decay = (3, 5), 0.5
+  for i in range(8):
+    np.testing.assert_allclose(
+        float(step_lib.learning_rate_factor(config, i)),
+        opt.param_groups[0]['lr'], rtol=1e-6)
+    opt.step()
+    sched.step()
 
 
-def test_phase_learning_rates_equal_a_scheduled_adam():
-  # What `train` relies on: constant-lr Adam per phase == Adam with the step
-  # schedule (moments do not depend on the learning rate).
-  rs = np.random.RandomState(3)
-  grads = [rs.randn(5).astype(np.float32) for _ in range(6)]
-  boundaries, lr = (2, 4), 1e-2
-  sched = optax.adam(optax.piecewise_constant_schedule(
-      lr, {b: 0.1 for b in boundaries}))
-  p_sched = p_phase = np.zeros(5, np.float32)
-  s_sched = sched.init(p_sched)
-  phases = toy2d.lr_segments(len(grads), boundaries, 0.1)
-  s_phase = optax.adam(lr).init(p_phase)
-  for start, end, factor in phases:
-    tx = optax.adam(lr * factor)
-    for i in range(start, end):
-      u, s_sched = sched.update(grads[i], s_sched, p_sched)
-      p_sched = optax.apply_updates(p_sched, u)
-      u, s_phase = tx.update(grads[i], s_phase, p_phase)
-      p_phase = optax.apply_updates(p_phase, u)
-  np.testing.assert_allclose(p_phase, p_sched, rtol=1e-6)
+def test_scheduled_step_equals_constant_rate_phases():
+  """The step schedule (one compiled step, the factor from state.step) ==
+  Adam at a constant, scaled rate in each phase (its moments do not depend
+  on the rate): the toy suite's former loop, an independent formulation."""
+  config = toy2d.toy_config('rings')
+  config.mlp_hidden, config.batch_size, config.num_vae_steps = (8, 8), 16, 2
+  config.lr_boundaries, config.lr_decay, config.lr_e = (2, 4), 0.5, 1e-2
+  state = phased = step_lib.create_train_state(config, jax.random.PRNGKey(0))
+  step = jax.jit(functools.partial(step_lib.train_step, config=config))
+  for i in range(6):
+    x = toy2d.sample_data('rings', jax.random.PRNGKey(i), 16)
+    state, _ = step(state, x)
+    constant = config.copy_and_resolve_references()
+    factor = 0.5 ** sum(b <= i for b in (2, 4))
+    constant.lr_boundaries = ()
+    constant.lr_e, constant.lr_g = config.lr_e * factor, config.lr_g * factor
+    phased, _ = step_lib.train_step(phased, x, constant)
+  for a, b in zip(jax.tree_util.tree_leaves(state),
+                  jax.tree_util.tree_leaves(phased)):
+    np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7)
 
 
 # --------------------------------------------------------------------------
@@ -202,7 +213,7 @@ def _tiny_config(dataset='rings', steps=300):
   c.num_train_steps = steps
   c.num_vae_steps = steps // 2
   c.log_every_steps = 100
-  c.toy.lr_boundaries = (steps - 100,)  # chunks of 100: one compile per phase
+  c.lr_boundaries = (steps - 100,)
   c.toy.num_eval_points = 2_000
   c.toy.hist_bins = 20  # 2,000 points: coarse bins keep sampling noise low
   c.toy.grid_points = 64
