@@ -13,7 +13,7 @@ The modules, by concern (imports run downwards only):
   the pure `train_step` around the objective, `make_train_step`),
   `parallel` (the device mesh, global arrays, input prefetch), `errors`;
 - the training program: `train` (`main.py`), `checkpointing`, `workdir`,
-  `cache`, `cli`, and the tools `sample`, `compare`, `toy2d`;
+  `cache`, `cli`, and the tools `generate`, `compare`, `toy2d`;
 - data: `input_pipeline` (TFDS, image folders, built-in offline sets),
   `offline_datasets`;
 - evaluation: `evaluation` (SWD, FID/KID, reconstruction, the CLI),
@@ -38,4 +38,4 @@ from introvae_jax.step import (AXIS_NAME, TrainState, abstract_train_state,
                                make_train_step, replicate, shard_batch,
                                train_step, unreplicate)
 
-__version__ = '0.2.0'
+__version__ = '0.3.0'

@@ -12,7 +12,7 @@ resumes from and the sampling tools load::
       --out=runs/converted [--config=configs/celebahq256.py]
 
 It writes `<out>/config.json` beside the checkpoint, as the training loop
-does, so `introvae_jax.sample`, `introvae_jax.evaluation` and `main.py`
+does, so `introvae_jax.generate`, `introvae_jax.evaluation` and `main.py`
 open the converted workdir like a trained one.
 
 Without `--config`, the model fields (channels, hdim, image size, image

@@ -28,7 +28,7 @@ from introvae_jax import losses
 from introvae_jax import models
 from introvae_jax import workdir as workdir_lib
 
-# Images per network call of the tools (`introvae_jax.sample`, evaluation),
+# Images per network call of the tools (`introvae_jax.generate`, evaluation),
 # whatever the request: memory stays bounded. With batch statistics
 # (use_running_average=False) an image depends on the others of its call, so
 # this is fixed, not fitted to the machine. A request of up to CHUNK_SIZE

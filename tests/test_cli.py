@@ -66,10 +66,10 @@ def paths(tmp_path_factory):
 # per tool; the tests beside each module check the other errors' messages.
 def _cases(p):
   return {
-      'sample_num_0': ('sample', [f'--workdir={p["missing"]}', '--num=0'],
-                       'flag --num=0: --num must be >= 1'),
-      'sample_missing_workdir': ('sample', [f'--workdir={p["missing"]}'],
-                                 f'--workdir={p["missing"]} does not exist'),
+      'generate_num_0': ('generate', [f'--workdir={p["missing"]}', '--num=0'],
+                         'flag --num=0: --num must be >= 1'),
+      'generate_missing_workdir': ('generate', [f'--workdir={p["missing"]}'],
+                                   f'--workdir={p["missing"]} does not exist'),
       'evaluation_damaged_npz': (
           'evaluation', [f'--workdir={p["missing"]}',
                          f'--inception={p["bad_npz"]}'],
@@ -207,6 +207,12 @@ def test_config_file_errors_name_the_file_in_one_line(capsys, config_files,
   assert 'override' not in lines[0] and len(lines[0]) <= 200, lines[0]
 
 
+def _line_of(text, path='configs/toy2d.py'):
+  """The 1-based line of `path` (in the repository) holding `text`."""
+  with open(os.path.join(REPO_ROOT, path)) as f:
+    return next(i for i, line in enumerate(f, 1) if text in line)
+
+
 @pytest.mark.parametrize('args, expected', [
     (['--config=configs/default.py', '--config.hdimm=3'],
      "--config.hdimm: unknown config field 'hdimm'"),
@@ -215,7 +221,8 @@ def test_config_file_errors_name_the_file_in_one_line(capsys, config_files,
     (['--config=configs/missing.py', '--config.hdim=3'],
      "--config: cannot load the config file ([Errno 2] No such file"),
     (['--config=configs/toy2d.py:moons'],
-     "--config: configs/toy2d.py line 14: dataset='moons'; use one of"),
+     f"--config: configs/toy2d.py line {_line_of('return toy_config')}: "
+     "dataset='moons'; use one of"),
 ], ids=['override', 'missing', 'missing-with-override', 'get-config-arg'])
 def test_override_and_missing_file_errors_keep_their_message(capsys, args,
                                                               expected):

@@ -264,7 +264,7 @@ def _png_folder(path, count=2, size=8):
 def test_converted_workdir_opens_like_a_trained_one(tmp_path):
   """convert wrote no config.json, so `sample --workdir=<out>` failed."""
   from introvae_jax import configuration
-  from introvae_jax import sample as sample_cli
+  from introvae_jax import generate as generate_cli
   config = small_config(image_size=8, channels=(4,), hdim=4)
   pth = str(tmp_path / 'ref.pth')
   save_as_the_reference_does(random_reference_model(config), pth)
@@ -274,7 +274,7 @@ def test_converted_workdir_opens_like_a_trained_one(tmp_path):
   assert (saved.image_size, saved.channels, saved.hdim, saved.image_channels,
           saved.m_plus) == (8, (4,), 4, 3, 120.0)
   out = str(tmp_path / 'samples')
-  written = sample_cli.generate(workdir, out, num=2, interpolation_steps=2,
+  written = generate_cli.generate(workdir, out, num=2, interpolation_steps=2,
                                 images=_png_folder(tmp_path / 'images'))
   assert {'samples.png', 'reconstructions.png', 'interpolation_slerp.png'} <= {
       os.path.basename(p) for p in written}

@@ -5,7 +5,7 @@ trains into gs://<bucket>/run on fake-gcs-server (tests/gcs_emulator.py),
 is killed (SIGKILL) once its first checkpoint is in the bucket, resumes in a
 fresh process whose local scratch (cwd, TMPDIR) is new, and must then match
 an uninterrupted run step for step. `introvae_jax.evaluation` and
-`introvae_jax.sample` then read runs from the bucket and write their JSON
+`introvae_jax.generate` then read runs from the bucket and write their JSON
 (into the run) and PNGs (into another gs:// folder) there. Every writer
 (Orbax through TensorStore and etils, clu's events through tf.io.gfile,
 config.json, images and results through etils) reaches the emulator only if it
@@ -285,14 +285,14 @@ def test_gs_workdir_train_kill9_resume_evaluate_sample(
 
   # Sampling reads the resumed run from the bucket and writes PNGs to it.
   sample, sample_scratch = start('sample', [
-      sys.executable, '-m', 'introvae_jax.sample', f'--workdir=gs://{bucket}/run',
+      sys.executable, '-m', 'introvae_jax.generate', f'--workdir=gs://{bucket}/run',
       f'--out=gs://{bucket}/samples', '--num=4', '--interpolation_steps=2'])
   _finish(evaluate, evaluate_scratch,
           'introvae_jax.evaluation on the gs:// run')
   results = json.loads(emulator.read(bucket, 'full/eval_00000006_batch.json'))
   assert results['step'] == STEPS and results['num_images'] == 16, results
   assert np.isfinite(results['rec_psnr']), results
-  _finish(sample, sample_scratch, 'introvae_jax.sample on the gs:// run')
+  _finish(sample, sample_scratch, 'introvae_jax.generate on the gs:// run')
   names = emulator.list(bucket, 'samples/')
   for name in ('samples.png', 'reconstructions.png',
                'interpolation_linear.png', 'interpolation_slerp.png',

@@ -240,7 +240,7 @@ def test_program_runs_on_the_mesh_without_pmap(tmp_path, monkeypatch):
   def refuse(*args, **kwargs):
     raise AssertionError('the program called jax.pmap')
   monkeypatch.setattr(jax, 'pmap', refuse)
-  from introvae_jax import evaluation, sample, step as step_lib, train
+  from introvae_jax import evaluation, generate, step as step_lib, train
   monkeypatch.setattr(step_lib, 'replicate', refuse)
   monkeypatch.setattr(step_lib, 'unreplicate', refuse)
   workdir = str(tmp_path / 'run')
@@ -268,7 +268,7 @@ def test_program_runs_on_the_mesh_without_pmap(tmp_path, monkeypatch):
       resumed, final)
 
   out = str(tmp_path / 'samples')
-  sample.generate(workdir, out, num=4)
+  generate.generate(workdir, out, num=4)
   assert glob.glob(os.path.join(out, '*.png'))
   metrics, _ = evaluation.evaluate_workdir(workdir, num_images=16, log=None)
   assert np.isfinite(metrics['swd_mean'])

@@ -15,7 +15,7 @@ import pytest
 from conftest import REPO_ROOT, in_subprocess
 from introvae_jax import base_config, checkpointing, create_train_state, errors
 from introvae_jax import evaluation, input_pipeline, sampling
-from introvae_jax import sample as sample_cli
+from introvae_jax import generate as generate_cli
 
 
 def _config(**kw):
@@ -90,7 +90,7 @@ def test_running_average_mode_is_per_example_and_batch_mode_is_not():
 def test_sample_cli_writes_grids_from_a_workdir(run, tmp_path):
   workdir = run[0]
   out = str(tmp_path / 'out')
-  written = sample_cli.generate(workdir, out, num=6, interpolation_steps=5)
+  written = generate_cli.generate(workdir, out, num=6, interpolation_steps=5)
   names = {os.path.relpath(p, out) for p in written}
   assert {'samples.png', 'reconstructions.png', 'interpolation_linear.png',
           'interpolation_slerp.png', os.path.join('samples', '0005.png')} <= names
@@ -107,7 +107,7 @@ def test_one_chunk_of_samples_is_one_call_as_before(run, tmp_path):
   workdir, config, state = run
   num, seed, temperature = sampling.CHUNK_SIZE, 3, 0.7
   out = str(tmp_path / 'out')
-  sample_cli.generate(workdir, out, num=num, seed=seed,
+  generate_cli.generate(workdir, out, num=num, seed=seed,
                       temperature=temperature, interpolation_steps=2)
   z = temperature * jax.random.normal(jax.random.PRNGKey(seed),
                                       (num, config.hdim))
@@ -143,7 +143,7 @@ def test_many_chunks_are_decoded_one_chunk_per_call(run, tmp_path,
 
   monkeypatch.setattr(sampling, 'decode', counting_decode)
   out = str(tmp_path / 'out')
-  sample_cli.generate(workdir, out, num=num, seed=seed, interpolation_steps=3)
+  generate_cli.generate(workdir, out, num=num, seed=seed, interpolation_steps=3)
   assert max(sizes) <= chunk and sizes[:3] == [4, 4, 2]
   monkeypatch.undo()
   key = jax.random.PRNGKey(seed)
@@ -177,18 +177,18 @@ def test_a_billion_samples_are_refused_at_once_with_the_estimate(run, tmp_path,
       r'~\S+ (?:days|h|min) of PNG encoding alone; one run writes at most '
       r'1,000,000 ')
   ) as refused:
-    sample_cli.generate(workdir, out, num=10**9)
+    generate_cli.generate(workdir, out, num=10**9)
   assert time.time() - start < 10
   # An 8 px gray PNG: its 64 pixels, a filter byte per row, ~70 B of headers.
   per_png = int(refused.value.args[0].split('(')[1].split(' B')[0])
   assert 64 + 8 < per_png < 64 + 8 + 100
   total = sampling.format_bytes(10**9 * per_png)
   assert f'up to {total} ' in str(refused.value)
-  monkeypatch.setattr(sample_cli, '_free_bytes', lambda _: 10_000)
+  monkeypatch.setattr(generate_cli, '_free_bytes', lambda _: 10_000)
   with pytest.raises(sampling.RequestTooLargeError,
                      match=r'--num=1000: .* but 9.8 KiB is free there; lower '
                      r'--num to \d+ or less'):
-    sample_cli.generate(workdir, out, num=1000)
+    generate_cli.generate(workdir, out, num=1000)
   assert not loads and not os.path.exists(out)
 
 
@@ -197,7 +197,7 @@ def test_sample_cli_refuses_a_billion_in_seconds(run, tmp_path):
   seconds (it used to run out of memory and hang)."""
   start = time.time()
   proc = subprocess.run(
-      [sys.executable, '-m', 'introvae_jax.sample', f'--workdir={run[0]}',
+      [sys.executable, '-m', 'introvae_jax.generate', f'--workdir={run[0]}',
        '--num=1000000000', f'--out={tmp_path}/out'], cwd=REPO_ROOT,
       capture_output=True, text=True, timeout=120,
       env=dict(os.environ, JAX_PLATFORMS='cpu'))
@@ -213,20 +213,20 @@ def test_generate_checks_arguments_and_files_before_loading(tmp_path):
   """num=0 used to fail in image_grid (ZeroDivisionError), num=-1 in XLA."""
   missing, out = str(tmp_path / 'no_run'), str(tmp_path / 'out')
   with pytest.raises(errors.UserError, match=r'num=0: .*\(--num>=1\)'):
-    sample_cli.generate(missing, out, num=0)
+    generate_cli.generate(missing, out, num=0)
   with pytest.raises(errors.UserError, match='interpolation_steps=1: '):
-    sample_cli.generate(missing, out, interpolation_steps=1)
+    generate_cli.generate(missing, out, interpolation_steps=1)
   with pytest.raises(errors.UserError, match='interpolation_steps=251: .* at '
                      'most 250'):  # one decode call per row
-    sample_cli.generate(missing, out, interpolation_steps=251)
+    generate_cli.generate(missing, out, interpolation_steps=251)
   empty = tmp_path / 'empty'
   empty.mkdir()
   # The --images folder is checked before the (here missing) run loads.
   with pytest.raises(input_pipeline.DataError,
                      match=f"data_dir='{empty}' holds no image files"):
-    sample_cli.generate(missing, out, images=str(empty))
+    generate_cli.generate(missing, out, images=str(empty))
   with pytest.raises(errors.WorkdirError, match='does not exist'):
-    sample_cli.generate(missing, out)
+    generate_cli.generate(missing, out)
   assert not os.path.exists(out)
 
 
@@ -269,7 +269,7 @@ def test_tools_compute_a_float64_run_in_float64(tmp_path):
       jax.random.PRNGKey(0))
   for name in ('rec_mse', 'kl_real', 'kl_fake'):
     np.testing.assert_allclose(metrics[name], expected[name], rtol=1e-12)
-  cli('introvae_jax.sample', '--num=4', f'--out={tmp_path}/out')
+  cli('introvae_jax.generate', '--num=4', f'--out={tmp_path}/out')
   fakes = np.asarray(sampling.sample(state, jax.random.PRNGKey(0), 4, config))
   assert fakes.dtype == np.float64
   np.testing.assert_array_equal(
@@ -278,7 +278,7 @@ def test_tools_compute_a_float64_run_in_float64(tmp_path):
   # With config.json lost, the config recorded with the checkpoint serves,
   # for the precision too.
   os.remove(os.path.join(workdir, 'config.json'))
-  cli('introvae_jax.sample', '--num=4', f'--out={tmp_path}/again')
+  cli('introvae_jax.generate', '--num=4', f'--out={tmp_path}/again')
   np.testing.assert_array_equal(
       _png(os.path.join(tmp_path, 'again', 'samples.png')),
       sampling.image_grid(fakes))

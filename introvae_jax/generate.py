@@ -1,6 +1,6 @@
 """Samples, reconstructions and interpolations from a training workdir.
 
-  python -m introvae_jax.sample --workdir=runs/default --num=64 --out=samples/
+  python -m introvae_jax.generate --workdir=runs/default --num=64 --out=samples/
 
 Loads `<workdir>/config.json` and the newest checkpoint (or `--step`), and
 writes PNG grids plus one PNG per prior sample under `--out` (local or
