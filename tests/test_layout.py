@@ -10,15 +10,29 @@ PACKAGE = os.path.join(
     'introvae_jax')
 
 
+def _files(module):
+  """The files of a module, or of every module of a sub-package."""
+  path = os.path.join(PACKAGE, module)
+  if os.path.isdir(path):
+    return [os.path.join(path, n) for n in sorted(os.listdir(path))
+            if n.endswith('.py')]
+  return [path + '.py']
+
+
 def package_imports():
-  """{module: modules of the package it imports anywhere in its file}."""
+  """{module: modules of the package it imports anywhere in its file}; a
+  sub-package (`objectives`) is one node, its modules' imports together."""
   modules = {name[:-3] for name in os.listdir(PACKAGE) if name.endswith('.py')}
+  modules |= {name for name in os.listdir(PACKAGE) if os.path.isfile(
+      os.path.join(PACKAGE, name, '__init__.py'))}
   graph = {}
   for module in modules - {'__init__'}:
-    with open(os.path.join(PACKAGE, module + '.py')) as f:
-      tree = ast.parse(f.read())
+    trees = []
+    for path in _files(module):
+      with open(path) as f:
+        trees.append(ast.parse(f.read()))
     deps = set()
-    for node in ast.walk(tree):
+    for node in (n for tree in trees for n in ast.walk(tree)):
       if isinstance(node, ast.ImportFrom) and node.module == 'introvae_jax':
         deps |= {alias.name for alias in node.names} & modules
       elif isinstance(node, ast.ImportFrom) and node.module and (
@@ -35,6 +49,8 @@ def test_module_imports_have_no_cycle():
   graph = package_imports()
   assert {'evaluation', 'inception', 'digit_classifier', 'step'} <= set(graph)
   assert 'evaluation' in graph['compare']   # the graph is really read
+  assert {'losses', 'models'} <= graph['objectives'] <= {'losses', 'models'}
+  assert 'objectives' in graph['step']
   try:
     graphlib.TopologicalSorter(graph).prepare()
   except graphlib.CycleError as e:
