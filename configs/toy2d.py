@@ -7,6 +7,12 @@ rings; default 8gaussians). MLP 2-256-256-256-(2x2) and its mirror, zdim 2,
 batch 512, 30,000 iterations, Adam 2e-4 with x0.1 at 10k and 15k, 2,000
 plain-VAE warm-up iterations. Each data set carries IntroVAE's tuned weights
 and Soft-IntroVAE's recommended betas (toy2d.HPARAMS, SOFT_HPARAMS).
+
+One deviation from Soft-IntroVAE's 2-D code: their MLPs have four 256-wide
+hidden layers (`n_layers=3` after the input layer), these three, the network
+of the committed IntroVAE grid, on which every objective is compared. Theirs
+exactly: `--config.mlp_hidden='(256,256,256,256)'`
+(tests/test_objectives.py checks that equals their networks).
 """
 
 from introvae_jax.toy2d import toy_config

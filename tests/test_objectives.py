@@ -192,3 +192,45 @@ def test_a_diverging_soft_introvae_run_gives_its_own_advice(tmp_path):
   with pytest.raises(train.NonFiniteLossError,
                      match=r"step 1: .*Raise soft_introvae.beta_neg"):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
+
+
+def _their_mlp(in_dim, out_dim, n_layers=3, width=256):
+  """Soft-IntroVAE's `EncoderSimple`/`DecoderSimple` main stack
+  (`soft_intro_vae_2d/train_soft_intro_vae_2d.py` l. 402-444): Linear(in,
+  256), ReLU, n_layers x (Linear(256, 256), ReLU), Linear(256, out)."""
+  layers = [torch.nn.Linear(in_dim, width), torch.nn.ReLU()]
+  for _ in range(n_layers):
+    layers += [torch.nn.Linear(width, width), torch.nn.ReLU()]
+  return torch.nn.Sequential(*layers, torch.nn.Linear(width, out_dim))
+
+
+def test_their_2d_networks_are_mlp_hidden_of_four_256_layers():
+  """`mlp_hidden=(256,) * 4` is their 2-D encoder and decoder (n_layers=3,
+  num_hidden=256): the same parameter count (their decoder's extra scalar
+  `loggamma` is never used in training) and the same outputs with the same
+  weights. configs/toy2d.py keeps three layers (the committed IntroVAE
+  grid) and says so."""
+  import flax  # pylint: disable=g-import-not-at-top
+  from introvae_jax import models  # pylint: disable=g-import-not-at-top
+  config = tiny_config('mlp', mlp_hidden=(256,) * 4, hdim=2)
+  encoder, decoder = models.build_models(config)
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((5, 2)).astype(np.float32)
+  for module, inputs, out_dim in ((encoder, x, 4), (decoder, x, 2)):
+    params = module.init(jax.random.PRNGKey(1), inputs)['params']
+    theirs = _their_mlp(2, out_dim)
+    n_ours = sum(a.size for a in jax.tree_util.tree_leaves(params))
+    assert n_ours == sum(p.numel() for p in theirs.parameters()) == (
+        2 * 256 + 256 + 3 * (256 * 256 + 256) + 256 * out_dim + out_dim)
+    dense = [m for m in theirs if isinstance(m, torch.nn.Linear)]
+    flat = flax.traverse_util.flatten_dict(params)
+    names = [f'fc_{i}' for i in range(4)] + ['fc_out']
+    with torch.no_grad():
+      for name, layer in zip(names, dense):
+        layer.weight.copy_(torch.from_numpy(
+            np.asarray(flat[(name, 'kernel')]).T.copy()))
+        layer.bias.copy_(torch.from_numpy(np.asarray(flat[(name, 'bias')])))
+      want = theirs(torch.from_numpy(inputs)).numpy()
+    got = module.apply({'params': params}, inputs)
+    got = np.concatenate(got, -1) if isinstance(got, tuple) else got
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
