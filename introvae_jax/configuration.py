@@ -194,6 +194,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.image_channels = 3
   c.hdim = 512
   c.reference_layout = True     # extra 1x1 conv on 512->512 blocks (checkpoints).
+  c.residual_block = 'introvae'  # BN after the skip add; 'soft_introvae':
+                                 # bn2 before it (Soft-IntroVAE's networks).
   c.dtype = 'float32'           # computation dtype ('bfloat16': params, optimiser
                                 # state, BN statistics and losses stay float32).
   c.conv_impl = 'xla'           # 'xla' (every backend) or 'im2col' (a CPU lever).
@@ -299,6 +301,7 @@ CONSTRAINTS = {
     'image_channels': Choice((1, 3)),
     'hdim': _COUNT,
     'reference_layout': Bool(),
+    'residual_block': Choice(('introvae', 'soft_introvae')),
     'dtype': Choice(DTYPES),
     'conv_impl': Choice(('xla', 'im2col')),
     'remat': Bool(),

@@ -152,13 +152,17 @@ class Conv(nn.Module):
 
 
 class ResidualBlock(nn.Module):
-  """Reference `_Residual_Block`: BN and activation come after the skip add."""
+  """Reference `_Residual_Block`: BN and activation come after the skip add;
+  `bn_before_add` (Soft-IntroVAE's block, `train_soft_intro_vae.py` l. 65-75):
+  the second BN on the branch, then the add and the activation. The
+  parameters are the same either way."""
   features: int
   skip_conv: bool
   bn_axis_name: Optional[str] = None
   conv_impl: str = 'xla'
   dtype: Any = jnp.float32
   precision: Any = None
+  bn_before_add: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = True):
@@ -170,6 +174,8 @@ class ResidualBlock(nn.Module):
     h = conv(self.features, 3, 'conv1')(x)
     h = nn.leaky_relu(bn('bn1')(h, not train), 0.2)
     h = conv(self.features, 3, 'conv2')(h)
+    if self.bn_before_add:
+      return nn.leaky_relu(bn('bn2')(h, not train) + skip, 0.2)
     return nn.leaky_relu(bn('bn2')(h + skip, not train), 0.2)
 
 
@@ -190,6 +196,7 @@ class Encoder(nn.Module):
   dtype: Any = jnp.float32
   remat: bool = False
   precision: Any = None
+  bn_before_add: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = True):
@@ -200,7 +207,7 @@ class Encoder(nn.Module):
                        f'{x.shape}.')
     block = lambda f, skip, name: _block(self.remat)(
         f, skip, self.bn_axis_name, self.conv_impl, self.dtype,
-        self.precision, name=name)
+        self.precision, self.bn_before_add, name=name)
     h = Conv(chans[0], 5, False, self.conv_impl, self.dtype, self.precision,
              name='conv_in')(x)
     h = BatchNorm(axis_name=self.bn_axis_name, dtype=self.dtype,
@@ -230,13 +237,14 @@ class Decoder(nn.Module):
   dtype: Any = jnp.float32
   remat: bool = False
   precision: Any = None
+  bn_before_add: bool = False
 
   @nn.compact
   def __call__(self, z, train: bool = True):
     chans = tuple(self.channels)
     block = lambda f, skip, name: _block(self.remat)(
         f, skip, self.bn_axis_name, self.conv_impl, self.dtype,
-        self.precision, name=name)
+        self.precision, self.bn_before_add, name=name)
     h = nn.Dense(chans[-1] * 16, dtype=self.dtype,
                  param_dtype=_float(self.dtype), precision=self.precision,
                  name='fc')(z.astype(self.dtype))
@@ -310,7 +318,8 @@ def build_models(config, bn_axis_name: Optional[str] = None):
   kw = dict(channels=tuple(m.channels), hdim=m.hdim,
             reference_layout=m.reference_layout, bn_axis_name=bn_axis_name,
             conv_impl=m.conv_impl, dtype=dtype, remat=m.remat,
-            precision=precision)
+            precision=precision,
+            bn_before_add=m.residual_block == 'soft_introvae')
   return Encoder(**kw), Decoder(image_channels=m.image_channels, **kw)
 
 
