@@ -1,4 +1,5 @@
-"""Trains IntroVAE: `python main.py --config=configs/default.py --workdir=/tmp/run`.
+"""Trains IntroVAE:
+`python main.py --config=configs/default.py --workdir=/tmp/run`.
 
 Any config field can be overridden, e.g. `--config.batch_size=32`. A user
 error (a bad field, an incompatible workdir, missing data) is one line on

@@ -25,7 +25,8 @@ The modules, by concern (imports run downwards only):
 """
 
 from introvae_jax import objectives
-from introvae_jax.configuration import base_config, check_batch_divides, validate
+from introvae_jax.configuration import (base_config, check_batch_divides,
+                                        validate)
 from introvae_jax.losses import (decoder_loss, encoder_loss, kl_divergence,
                                  reconstruction_loss, reparameterize, vae_loss)
 from introvae_jax.models import (BatchNorm, Decoder, Encoder, MLPDecoder,

@@ -1,4 +1,5 @@
-"""Objectives side by side at equal budget, over seeds: does IntroVAE beat a VAE?
+"""Objectives side by side at equal budget, over seeds: does IntroVAE beat a
+VAE?
 
     python -m introvae_jax.compare --config=configs/default.py \\
         --objectives=vae,introvae --seeds=0,1,2 --workdir=runs/compare
@@ -125,13 +126,15 @@ def table(cells: List[dict], objectives: Sequence[str]) -> dict:
   contrasts = {o: {m: contrast(metrics[m][objectives[0]], metrics[m][o], m)
                    for m in names} for o in objectives[1:]}
   return dict(metrics=metrics, contrasts=contrasts,
-              seeds={o: sorted(c['seed'] for c in by_obj[o]) for o in objectives})
+              seeds={o: sorted(c['seed'] for c in by_obj[o])
+                     for o in objectives})
 
 
 def markdown(summary: dict, objectives: Sequence[str], title: str) -> str:
   """The table as markdown: one row per metric, mean +- std per objective."""
   base = objectives[0]
-  head = ['metric'] + [f'{o} (n={len(summary["seeds"][o])})' for o in objectives]
+  head = ['metric'] + [f'{o} (n={len(summary["seeds"][o])})'
+                       for o in objectives]
   head += [f'{o} vs {base}: gain, gap/std' for o in objectives[1:]]
   lines = [f'# {title}', '',
            'Mean +- sample std (ddof=1) over seeds '

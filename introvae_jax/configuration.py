@@ -193,12 +193,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.channels = (128, 256, 512, 512)
   c.image_channels = 3
   c.hdim = 512
-  c.reference_layout = True     # extra 1x1 conv on 512->512 blocks (checkpoints).
+  c.reference_layout = True     # extra 1x1 conv on 512->512 blocks
+                                # (checkpoints).
   c.residual_block = 'introvae'  # BN after the skip add; 'soft_introvae':
                                  # bn2 before it (Soft-IntroVAE's networks).
-  c.dtype = 'float32'           # computation dtype ('bfloat16': params, optimiser
-                                # state, BN statistics and losses stay float32).
-  c.conv_impl = 'xla'           # 'xla' (every backend) or 'im2col' (a CPU lever).
+  c.dtype = 'float32'           # computation dtype ('bfloat16': params,
+                                # optimiser state, BN statistics and losses
+                                # stay float32).
+  c.conv_impl = 'xla'           # 'xla' (every backend) or 'im2col'
+                                # (a CPU lever).
   c.remat = False               # recompute block activations in the backward.
   c.precision = 'highest'       # float32 matmuls/convs: 'highest' (exact on
                                 # every backend), 'high' or 'default' (TPU:
@@ -214,9 +217,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.weight_rec = 0.05
   c.weight_kl = 1.0
   c.weight_neg = 0.5
-  c.num_vae_steps = 0           # plain-VAE warm-up steps (reference: num_vae epochs).
-  c.vae_weight_rec = 1.0        # warm-up loss vae_weight_rec*L_AE + vae_weight_kl*KL
-  c.vae_weight_kl = 1.0         # (reference: 1 and 1; compare's betavae: the recipe's).
+  c.num_vae_steps = 0           # plain-VAE warm-up steps (reference: num_vae
+                                # epochs).
+  c.vae_weight_rec = 1.0        # warm-up loss vae_weight_rec*L_AE +
+  c.vae_weight_kl = 1.0         # vae_weight_kl*KL (reference: 1 and 1;
+                                # compare's betavae: the recipe's).
   # Soft-IntroVAE (taldatech/soft-intro-vae-pytorch `train_soft_intro_vae.py`
   # defaults; beta_neg 256 as their MNIST and CIFAR-10 recommendation). Its
   # warm-up (num_vae_steps) is beta_rec*L_AE + beta_kl*KL, unscaled.
@@ -246,8 +251,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.process_id = -1
 
   # Data.
-  c.dataset = 'mnist_offline'   # TFDS name, 'folder', or a built-in offline set.
-  c.data_dir = ''               # TFDS data_dir, or the image folder for 'folder'.
+  c.dataset = 'mnist_offline'   # TFDS name, 'folder', or a built-in
+                                # offline set.
+  c.data_dir = ''               # TFDS data_dir, or the image folder for
+                                # 'folder'.
   c.split = 'train'
   c.manual_dir = ''             # TFDS manual_dir (CelebA-HQ).
   c.random_flip = True
@@ -265,10 +272,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.on_nonfinite = 'stop'       # 'stop' (keep last good checkpoint) or 'skip'.
   c.max_consecutive_skips = 10  # 'skip': stop after this many skips in a row.
 
-  # Evaluation during training (introvae_jax.evaluation), written to TensorBoard.
+  # Evaluation during training (introvae_jax.evaluation), written to
+  # TensorBoard.
   c.eval_every_steps = 0        # 0: off.
   c.eval_num_images = 1000
-  c.fid_weights = ''            # pt_inception-2015-12-05-6726825d.pth (FID/KID).
+  c.fid_weights = ''            # pt_inception-2015-12-05-6726825d.pth
+                                # (FID/KID).
   c.digit_classifier = ''       # digit CNN weights (mnist_offline); '' = cache.
 
   # Resuming: identity fields (all but FREE_ON_RESUME) that may differ from the
@@ -381,8 +390,9 @@ FREE_ON_RESUME = frozenset({
     'checkpoint_every_steps', 'max_to_keep', 'num_image_samples',
     'on_nonfinite', 'max_consecutive_skips', 'on_corrupt_image',
     'eval_every_steps', 'eval_num_images',
-    'fid_weights', 'digit_classifier', 'conv_impl', 'remat', 'precision', 'distributed',
-    'coordinator_address', 'num_processes', 'process_id', 'allow_changes',
+    'fid_weights', 'digit_classifier', 'conv_impl', 'remat', 'precision',
+    'distributed', 'coordinator_address', 'num_processes', 'process_id',
+    'allow_changes',
 })
 
 
@@ -555,7 +565,8 @@ def check_batch_divides(global_batch: int, num_devices: int) -> int:
   if global_batch % num_devices:
     lo = global_batch - global_batch % num_devices
     raise ConfigError(
-        f'batch_size={global_batch} does not divide over {num_devices} devices; '
+        f'batch_size={global_batch} does not divide over {num_devices} '
+        'devices; '
         f'use a multiple of {num_devices} (e.g. --config.batch_size='
         f'{lo or num_devices} or {lo + num_devices}).')
   return global_batch // num_devices

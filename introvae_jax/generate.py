@@ -28,7 +28,8 @@ from introvae_jax import cli
 from introvae_jax import errors
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir.')
-_OUT = flags.DEFINE_string('out', None, 'Output folder (default <workdir>/samples).')
+_OUT = flags.DEFINE_string('out', None,
+                           'Output folder (default <workdir>/samples).')
 _NUM = flags.DEFINE_integer('num', 64, 'Prior samples, one PNG each (at most '
                             '1,000,000); the grids show the first 250 and as '
                             'many reconstructions.')
@@ -42,13 +43,15 @@ _BN = flags.DEFINE_enum('batch_norm', 'batch', ['batch', 'running'],
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: newest).')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the prior noise.')
 flags.mark_flag_as_required('workdir')
-flags.register_validator('num', lambda n: n >= 1,
-                         '--num must be >= 1 (images to sample and reconstruct)')
+flags.register_validator(
+    'num', lambda n: n >= 1,
+    '--num must be >= 1 (images to sample and reconstruct)')
 flags.register_validator(
     'interpolation_steps', lambda n: n >= 2,
     '--interpolation_steps must be >= 2 (both end points are included)')
-flags.register_validator('temperature', lambda t: t >= 0,
-                         '--temperature must be >= 0 (the prior std multiplier)')
+flags.register_validator(
+    'temperature', lambda t: t >= 0,
+    '--temperature must be >= 0 (the prior std multiplier)')
 flags.register_validator('step', lambda s: s is None or s >= 0,
                          '--step must be >= 0')
 
@@ -189,7 +192,8 @@ def generate(workdir, out, *, num=64, temperature=1.0, images=None,
   source = config
   if images:
     source = config.copy_and_resolve_references()
-    source.dataset, source.data_dir, source.eval_split_fraction = 'folder', images, 0.0
+    source.dataset, source.data_dir, source.eval_split_fraction = (
+        'folder', images, 0.0)
   _check_writable(out)
   bn = dict(use_running_average=use_running_average)
   written = []
@@ -217,8 +221,8 @@ def generate(workdir, out, *, num=64, temperature=1.0, images=None,
   save('reconstructions.png', sampling.image_grid(pairs, ncol=16))
   if len(reals) >= 2:
     for kind in ('linear', 'slerp'):
-      rows = [sampling.interpolate(state, reals[2 * i], reals[2 * i + 1], config,
-                                   interpolation_steps, kind, **bn)
+      rows = [sampling.interpolate(state, reals[2 * i], reals[2 * i + 1],
+                                   config, interpolation_steps, kind, **bn)
               for i in range(min(4, len(reals) // 2))]
       save(f'interpolation_{kind}.png',
            sampling.image_grid(np.concatenate(rows), ncol=interpolation_steps))

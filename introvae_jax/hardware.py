@@ -133,7 +133,8 @@ def forward_flops(config, exact_taps: bool = False) -> Tuple[int, int]:
   dec = 2 * hdim * chans[-1] * 16
   s, prev = 4, len(chans) - 1
   for i in reversed(range(len(chans))):
-    dec += block(s, chans[prev], chans[i], skip(chans[prev], chans[i], prev != i))
+    dec += block(s, chans[prev], chans[i],
+                 skip(chans[prev], chans[i], prev != i))
     s, prev = 2 * s, i
   dec += block(s, chans[0], chans[0], False)
   dec += _conv(s, chans[0], img, 5)

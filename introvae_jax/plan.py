@@ -125,7 +125,8 @@ def state_bytes(config) -> int:
   """Bytes of the TrainState (params, Adam moments, BatchNorm statistics),
   unpadded."""
   return sum(a.size * a.dtype.itemsize
-             for a in jax.tree_util.tree_leaves(step.abstract_train_state(config)))
+             for a in jax.tree_util.tree_leaves(
+                 step.abstract_train_state(config)))
 
 
 def peak_bytes(compiled) -> int:

@@ -150,7 +150,8 @@ def draw_noise(rng, step, local_batch, hdim, axis_name=None, num=2):
 
 def train_step(state: TrainState, batch, config: ml_collections.ConfigDict, *,
                axis_name: Optional[str] = None, noise=None):
-  """One iteration of `config.objective`: (state, batch) -> (new_state, metrics).
+  """One iteration of `config.objective`: (state, batch) -> (new_state,
+  metrics).
 
   Args:
     state: a `TrainState`.
@@ -227,12 +228,11 @@ def make_train_step(config, *, mesh=None, pmap: bool = False,
   state as global arrays replicated on the mesh and the global batch [B, ...]
   sharded on 'batch' (`parallel.global_batch`; host arrays are placed there
   too in single-process runs), optionally `noise` ([B, hdim] arrays, the
-  objective's `NOISE`) as `train_step` takes it, and returns the replicated new state and
-  metrics. Each device runs `train_step` on its B / devices rows, exactly as
-  under pmap: BatchNorm normalises per device (across devices with
+  objective's `NOISE`) as `train_step` takes it, and returns the replicated new
+  state and metrics. Each device runs `train_step` on its B / devices rows,
+  exactly as under pmap: BatchNorm normalises per device (across devices with
   `sync_batch_stats`), the hinge sees the global batch means, gradients and
-  running statistics are averaged over devices. The state's buffers are
-  donated.
+  running statistics are averaged over devices. The state's buffers are donated.
 
   `pmap=True`: `jax.pmap(train_step, axis_name='batch')` over the local
   devices, taking a `replicate`d state and batches [devices, per_device, ...].
@@ -250,9 +250,10 @@ def make_train_step(config, *, mesh=None, pmap: bool = False,
           parallel.explicit_mesh(mesh))
   check_batch_divides(config.batch_size, mesh.size)
   # check_vma=False: pmap's semantics (the step averages over the axis itself).
-  mapped = jax.shard_map(lambda state, batch, noise: fn(state, batch, noise=noise),
-                         mesh=mesh, in_specs=(P(), P(AXIS_NAME), P(AXIS_NAME)),
-                         out_specs=(P(), P()), check_vma=False)
+  mapped = jax.shard_map(
+      lambda state, batch, noise: fn(state, batch, noise=noise),
+      mesh=mesh, in_specs=(P(), P(AXIS_NAME), P(AXIS_NAME)),
+      out_specs=(P(), P()), check_vma=False)
   replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
 
   def mesh_step(state, batch, noise=None):
@@ -280,7 +281,8 @@ def unreplicate(state: TrainState) -> TrainState:
   runs a gather over all local devices, which can hang in multi-process runs
   on XLA:CPU.
   """
-  first = lambda a: a.addressable_data(0)[0] if isinstance(a, jax.Array) else a[0]
+  first = lambda a: (a.addressable_data(0)[0] if isinstance(a, jax.Array)
+                     else a[0])
   return jax.tree_util.tree_map(first, state)
 
 

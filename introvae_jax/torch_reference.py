@@ -45,7 +45,8 @@ def skip_has_conv(c_in: int, c_out: int, two_entries: bool,
 
 
 class ResidualBlock(nn.Module):
-  """Reference `_Residual_Block` (scale 1, groups 1): BN and activation after the add."""
+  """Reference `_Residual_Block` (scale 1, groups 1): BN and activation after
+  the add."""
 
   def __init__(self, c_in: int, c_out: int, skip_conv: bool):
     super().__init__()
@@ -131,7 +132,8 @@ class Decoder(nn.Module):
 
 
 class IntroVAE(nn.Module):
-  """Reference `IntroVAE`: holds `encoder` and `decoder` (checkpoint key prefixes)."""
+  """Reference `IntroVAE`: holds `encoder` and `decoder` (checkpoint key
+  prefixes)."""
 
   def __init__(self, image_channels: int, hdim: int, channels: Sequence[int],
                image_size: int, reference_layout: bool = True):
@@ -151,7 +153,8 @@ def build_model(config, dtype=torch.float32) -> IntroVAE:
 def make_optimizers(model: IntroVAE, config):
   """The reference's `optimizerE` and `optimizerG` (torch Adam)."""
   adam = lambda params, lr: torch.optim.Adam(
-      params, lr=lr, betas=(config.adam_b1, config.adam_b2), eps=config.adam_eps)
+      params, lr=lr, betas=(config.adam_b1, config.adam_b2),
+      eps=config.adam_eps)
   return (adam(model.encoder.parameters(), config.lr_e),
           adam(model.decoder.parameters(), config.lr_g))
 
@@ -332,7 +335,8 @@ def soft_introvae_iteration(model: IntroVAE, opt_e, opt_g, x, noise, config,
   err_rec = reconstruction_loss(rec, rec_rec)
   err_fake = reconstruction_loss(fake, rec_fake)
   expelbo_rec = (-2 * scale * (b_rec * err_rec + b_neg * kl_rec)).exp().mean()
-  expelbo_fake = (-2 * scale * (b_rec * err_fake + b_neg * kl_fake)).exp().mean()
+  expelbo_fake = (-2 * scale * (b_rec * err_fake
+                                + b_neg * kl_fake)).exp().mean()
   loss_e = (scale * (b_rec * loss_rec + b_kl * kl_real)
             + 0.25 * (expelbo_rec + expelbo_fake))
   opt_e.zero_grad()

@@ -8,7 +8,8 @@ tuned weights (`HPARAMS`) and Soft-IntroVAE's recommended betas
 (`SOFT_HPARAMS`).
 
     python -m introvae_jax.toy2d --dataset=8gaussians --workdir=/tmp/toy
-    python -m introvae_jax.toy2d --config=configs/toy2d.py:rings --config.m_plus=5
+    python -m introvae_jax.toy2d --config=configs/toy2d.py:rings \\
+        --config.m_plus=5
 
 Metrics (`evaluate`):
 - `kl`: the reference's "KL", PyTorch `kl_div(log(q + 1e-14), p,
@@ -56,9 +57,11 @@ DATASETS = ('8gaussians', '2spirals', 'checkerboard', 'rings')
 # m_plus ~3x the real points' KL at the end of the 2,000-iteration warm-up
 # (0.83, 1.57, 2.27, 1.44 nats). Search and numbers: docs/tuning.md.
 HPARAMS = {
-    '8gaussians': dict(weight_rec=4.0, weight_kl=1.0, weight_neg=1.0, m_plus=3.0),
+    '8gaussians': dict(weight_rec=4.0, weight_kl=1.0, weight_neg=1.0,
+                       m_plus=3.0),
     '2spirals': dict(weight_rec=4.0, weight_kl=1.0, weight_neg=1.0, m_plus=4.7),
-    'checkerboard': dict(weight_rec=4.0, weight_kl=1.0, weight_neg=1.0, m_plus=6.8),
+    'checkerboard': dict(weight_rec=4.0, weight_kl=1.0, weight_neg=1.0,
+                         m_plus=6.8),
     'rings': dict(weight_rec=4.0, weight_kl=1.0, weight_neg=1.0, m_plus=4.3),
 }
 
@@ -199,7 +202,8 @@ def torch_kl_div(log_input, target) -> float:
   log_input = np.asarray(log_input, np.float64)
   target = np.asarray(target, np.float64)
   safe = np.where(target > 0, target, 1.0)
-  pointwise = np.where(target > 0, target * np.log(safe), 0.0) - target * log_input
+  pointwise = (np.where(target > 0, target * np.log(safe), 0.0)
+               - target * log_input)
   return float(pointwise.sum() / log_input.shape[0])
 
 
@@ -257,7 +261,8 @@ def _negative_elbo(params_e, params_g, x, config):
 
 
 def negative_elbo(state, x, config, chunk: int = 16_384) -> np.ndarray:
-  """Per-point KL + squared error with z = mu (reference beta_kl = beta_rec = 1)."""
+  """Per-point KL + squared error with z = mu (reference beta_kl =
+  beta_rec = 1)."""
   frozen = ml_collections.FrozenConfigDict(config)
   x = np.asarray(x, np.float32)
   out = [np.asarray(_negative_elbo(state.params_e, state.params_g,
@@ -286,7 +291,8 @@ def generate(state, key, num: int, config) -> np.ndarray:
   return np.asarray(_generate(state.params_g, key, frozen, num))
 
 
-def evaluate(state, config, key) -> Tuple[Dict[str, float], Dict[str, np.ndarray]]:
+def evaluate(state, config,
+             key) -> Tuple[Dict[str, float], Dict[str, np.ndarray]]:
   """(metrics, arrays for plots): kl, jsd_reference, jsd, gnelbo, and for
   8 Gaussians modes_covered (of 8, by the 5,000 generated points)."""
   toy = config.toy
@@ -304,7 +310,8 @@ def evaluate(state, config, key) -> Tuple[Dict[str, float], Dict[str, np.ndarray
     metrics['modes_covered'] = modes_covered(fake, eight_gaussians_centers(),
                                              EIGHT_GAUSSIANS_STD)
   arrays = {
-      'real': np.asarray(sample_data(toy.dataset, k_plot_r, toy.num_plot_points)),
+      'real': np.asarray(sample_data(toy.dataset, k_plot_r,
+                                     toy.num_plot_points)),
       'fake': generate(state, k_plot_f, toy.num_plot_points, config),
       # The reference's density plot: exp(-(KL + squared error)) on the grid.
       'density': np.exp(-elbo_grid).reshape(toy.grid_points, toy.grid_points),
@@ -323,7 +330,8 @@ def _chunk_fn(config: ml_collections.FrozenConfigDict, num_steps: int):
   def run(state, data_key):
     def body(state, _):
       key = jax.random.fold_in(data_key, state.step)
-      return step_lib.train_step(state, sample_data(dataset, key, batch), config)
+      return step_lib.train_step(state, sample_data(dataset, key, batch),
+                                 config)
 
     state, metrics = jax.lax.scan(body, state, None, length=num_steps)
     return state, jax.tree_util.tree_map(jnp.mean, metrics)
@@ -400,8 +408,9 @@ def save_plots(arrays, dataset: str, workdir: str) -> Dict[str, str]:
 
   def density(ax):
     # Rows of the grid are x (indexing='ij'), so transpose for imshow.
-    ax.imshow(arrays['density'].T, origin='lower', extent=(-lim, lim, -lim, lim),
-              cmap='jet', interpolation='nearest')
+    ax.imshow(arrays['density'].T, origin='lower',
+              extent=(-lim, lim, -lim, lim), cmap='jet',
+              interpolation='nearest')
 
   fig, axes = plt.subplots(1, 3, figsize=(15, 5))
   for ax, key, color, title in ((axes[0], 'real', 'tab:blue', 'Real data'),

@@ -269,7 +269,8 @@ def _drop_orphaned_events(workdir, start: int) -> set:
         out.write(record)
     tf.io.gfile.rename(temporary, name, overwrite=True)
     logging.info('Dropped %d events after step %d from %s (logged after the '
-                 'last checkpoint by an interrupted run).', dropped, start, name)
+                 'last checkpoint by an interrupted run).', dropped, start,
+                 name)
   return tags_at_start
 
 

@@ -105,7 +105,8 @@ def cache_dir(tmp_path_factory):
   """One persistent compilation cache for the session and its children."""
   path = str(tmp_path_factory.mktemp('xla_cache'))
   saved = {k: getattr(jax.config, k) for k in (
-      'jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs')}
+      'jax_compilation_cache_dir',
+      'jax_persistent_cache_min_compile_time_secs')}
   jax.config.update('jax_compilation_cache_dir', path)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   yield path
@@ -156,7 +157,8 @@ def adam_moments(opt_state):
 
 def step_gradients(new_state):
   """The gradients a step used, from its Adam state (needs adam_b1 = 0)."""
-  return adam_moments(new_state.opt_state_e)[1], adam_moments(new_state.opt_state_g)[1]
+  return (adam_moments(new_state.opt_state_e)[1],
+          adam_moments(new_state.opt_state_g)[1])
 
 
 # --------------------------------------------------------------------------
@@ -188,7 +190,8 @@ def in_subprocess(tag, env):
         return fn(*args, **kwargs)
       results = _run_child(module_file, tag, env)
       # "tests/test_x.py::test_name[param] (call)" -> "test_name[param]"
-      test_id = os.environ['PYTEST_CURRENT_TEST'].split('::')[-1].rsplit(' ', 1)[0]
+      test_id = (os.environ['PYTEST_CURRENT_TEST'].split('::')[-1]
+                 .rsplit(' ', 1)[0])
       if test_id not in results:
         pytest.fail(f'{test_id} did not report from its child process:\n'
                     f'{results["<output>"]}', pytrace=False)

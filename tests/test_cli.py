@@ -146,7 +146,8 @@ def _user_lines(stderr):
 
 
 _BAD_FILES = {
-    'syntax': ('def get_config():\n  c = dict(\n  return c\n', 'line 2: syntax'),
+    'syntax': ('def get_config():\n  c = dict(\n  return c\n',
+               'line 2: syntax'),
     'no_get_config': ('def config():\n  return None\n', 'has no get_config()'),
     'unknown_field': (
         'from introvae_jax.configuration import base_config\n\n\n'
@@ -154,7 +155,8 @@ _BAD_FILES = {
         "line 6: unknown config field 'hdimm' (did you mean 'hdim'?)"),
     'wrong_type': (
         'from introvae_jax.configuration import base_config\n\n\n'
-        "def get_config():\n  c = base_config()\n  c.hdim = 'big'\n  return c\n",
+        "def get_config():\n  c = base_config()\n  c.hdim = 'big'\n"
+        '  return c\n',
         "line 6: config field 'hdim' needs type int, not str"),
     'raises': ('def get_config():\n  return 1 / 0\n',
                'line 2: ZeroDivisionError: division by zero'),
@@ -261,7 +263,8 @@ def test_main_refuses_a_bad_config_value_before_creating_the_workdir(
   returncode, stderr, workdir = main_results['bad_value']
   assert returncode == 2 and 'Traceback' not in stderr, stderr
   lines = _user_lines(stderr)
-  assert lines == ['main.py: error: Invalid config: hdim=0 must be >= 1.'], stderr
+  assert lines == [
+      'main.py: error: Invalid config: hdim=0 must be >= 1.'], stderr
   assert not os.path.exists(workdir)
 
 

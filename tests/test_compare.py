@@ -22,9 +22,11 @@ def test_summaries_and_contrasts_by_hand():
   assert s['std'] == pytest.approx(np.sqrt(13.0))
   assert compare.summarize([4.0]) == dict(mean=4.0, std=0.0, n=1)
   assert compare.summarize([float('nan'), 2.0])['n'] == 1
-  base, other = dict(mean=200.0, std=5.0, n=3), dict(mean=150.0, std=10.0, n=3)
+  base, other = (dict(mean=200.0, std=5.0, n=3),
+                 dict(mean=150.0, std=10.0, n=3))
   fd = compare.contrast(base, other, 'fd_digit')      # lower is better
-  assert fd['gain'] == pytest.approx(0.25) and fd['gap_in_std'] == pytest.approx(5.0)
+  assert (fd['gain'] == pytest.approx(0.25)
+          and fd['gap_in_std'] == pytest.approx(5.0))
   psnr = compare.contrast(base, other, 'rec_psnr')    # higher is better
   assert psnr['gain'] == pytest.approx(-0.25)
   assert compare.contrast(base, other, 'swd_32')['gain'] == pytest.approx(0.25)
@@ -47,7 +49,8 @@ def test_vae_cell_is_the_vae_objective():
   intro = compare.cell_config(config, 'introvae', 3)
   soft = compare.cell_config(config, 'soft_introvae', 3)
   assert (vae.objective, vae.seed) == ('vae', 3)
-  assert (intro.objective, intro.num_vae_steps, intro.seed) == ('introvae', 2, 3)
+  assert ((intro.objective, intro.num_vae_steps, intro.seed)
+          == ('introvae', 2, 3))
   assert soft.objective == 'soft_introvae'
   assert {k for k in config if vae[k] != intro[k]} == {'objective'}
   with pytest.raises(errors.UserError, match='covers all num_train_steps'):
@@ -91,7 +94,8 @@ def test_cells_stored_before_the_objective_field_are_still_valid(tmp_path):
     ('vae', 'lr_e', 1e-3, True),
     ('betavae', 'm_plus', 6.0, False), ('betavae', 'weight_neg', 0.1, False),
     ('betavae', 'weight_rec', 2.0, True),
-    ('introvae', 'm_plus', 6.0, True), ('introvae', 'vae_weight_rec', 2.0, True),
+    ('introvae', 'm_plus', 6.0, True),
+    ('introvae', 'vae_weight_rec', 2.0, True),
     ('soft_introvae', 'm_plus', 6.0, False),
     ('soft_introvae', 'num_vae_steps', 3, True),
     ('vae', 'num_vae_steps', 3, False),
@@ -148,7 +152,8 @@ def test_grid_tables_figure_skip_and_refusal(tmp_path, cache_dir):
           scalars(cells['introvae_seed0']['workdir'])['loss_rec'][2])
   for metric in ('fd_digit', 'swd_16', 'rec_psnr', 'kl_fake'):
     for objective in ('vae', 'introvae'):
-      values = [cells[f'{objective}_seed{s}']['metrics'][metric] for s in (0, 1)]
+      values = [cells[f'{objective}_seed{s}']['metrics'][metric]
+                for s in (0, 1)]
       row = summary['metrics'][metric][objective]
       assert row['mean'] == pytest.approx(np.mean(values))
       assert row['std'] == pytest.approx(np.std(values, ddof=1))
@@ -207,7 +212,8 @@ def test_command_line_reports_bad_seeds_in_one_line(tmp_path, cache_dir):
 def test_toy_cells_go_through_the_toy_protocol(tmp_path):
   config = toy2d.toy_config('8gaussians')
   config.mlp_hidden, config.batch_size = (16, 16, 16), 64
-  config.num_train_steps, config.num_vae_steps, config.log_every_steps = 40, 20, 20
+  config.num_train_steps, config.num_vae_steps, config.log_every_steps = (
+      40, 20, 20)
   config.lr_boundaries = (30,)
   config.toy.num_eval_points, config.toy.grid_points = 500, 32
   config.toy.num_elbo_points, config.toy.num_plot_points = 200, 64

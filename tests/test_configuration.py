@@ -47,7 +47,8 @@ def _bad_values(spec):
     return out
   if isinstance(spec, C.Choice):
     if isinstance(spec.options[0], str):
-      return [('unknown choice', 'nope'), ('upper case', spec.options[0].upper()),
+      return [('unknown choice', 'nope'),
+              ('upper case', spec.options[0].upper()),
               ('int', 1), ('None', None)]
     return [('unknown choice', max(spec.options) + 1), ('bool', True),
             ('str', str(spec.options[0])), ('None', None)]

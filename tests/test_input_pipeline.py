@@ -365,7 +365,8 @@ def test_symlink_loops_are_searched_once_and_named(tmp_path, caplog, no_hang):
   assert files == [str(tmp_path / 'a.png'), str(tmp_path / 'sub' / 'b.png')]
   log = caplog.text
   for link in ('self', os.path.join('sub', 'up')):
-    assert f'not following {tmp_path / link} -> {tmp_path}, a symlink loop' in log
+    assert (f'not following {tmp_path / link} -> {tmp_path}, '
+            'a symlink loop') in log
   assert f'{tmp_path / "alias"} -> {tmp_path / "sub"}, a second path' in log
 
 

@@ -114,7 +114,8 @@ def test_mesh_step_takes_injected_noise_and_host_arrays():
     np.testing.assert_allclose(np.asarray(got_metrics[name]), value,
                                rtol=1e-8, atol=1e-12, err_msg=name)
   assert_trees_close(to_numpy(got), to_numpy(want), rtol=1e-8,
-                     atol_scale=1e-10, what='state after an injected-noise step')
+                     atol_scale=1e-10,
+                     what='state after an injected-noise step')
 
 
 @MESH_X64
@@ -173,9 +174,11 @@ def test_global_batch_rows_and_prefetch_order():
 @MESH
 def test_mesh_of_some_devices():
   mesh = parallel.make_mesh(2)
-  assert mesh.axis_names == ('batch',) and mesh.devices.tolist() == jax.devices()[:2]
+  assert (mesh.axis_names == ('batch',)
+          and mesh.devices.tolist() == jax.devices()[:2])
   assert parallel.make_mesh().devices.size == DEVICES
-  with pytest.raises(ValueError, match='num_devices=5: this process has 4 devices'):
+  with pytest.raises(ValueError,
+                     match='num_devices=5: this process has 4 devices'):
     parallel.make_mesh(5)
 
 
@@ -228,7 +231,8 @@ def test_abstract_state_compiles_the_step_without_initialising():
 
 @MESH
 def test_indivisible_batch_is_a_clear_error_on_the_mesh():
-  with pytest.raises(ValueError, match='batch_size=6 does not divide over 4 devices'):
+  with pytest.raises(ValueError,
+                     match='batch_size=6 does not divide over 4 devices'):
     introvae_jax.make_train_step(tiny_config('mlp', batch_size=6))
 
 

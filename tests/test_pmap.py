@@ -26,7 +26,8 @@ from conftest import (adam_moments, assert_trees_close, in_subprocess,
                       to_numpy)
 
 DEVICES = 4
-FOUR_DEVICES = {'XLA_FLAGS': f'--xla_force_host_platform_device_count={DEVICES}'}
+FOUR_DEVICES = {
+    'XLA_FLAGS': f'--xla_force_host_platform_device_count={DEVICES}'}
 PMAP = in_subprocess('pmap', FOUR_DEVICES)
 PMAP_X64 = in_subprocess('pmap_x64', dict(FOUR_DEVICES, JAX_ENABLE_X64='1'))
 
@@ -78,7 +79,8 @@ def run_both(config, state, num_steps):
     x = tiny_batch(config, seed=10 + t, dtype=np.asarray(
         jax.tree_util.tree_leaves(state.params_e)[0]).dtype)
     single, single_metrics = single_step(single, x)
-    sharded, sharded_metrics = pmapped_step(sharded, introvae_jax.shard_batch(x))
+    sharded, sharded_metrics = pmapped_step(sharded,
+                                            introvae_jax.shard_batch(x))
     out.append(((single, single_metrics), (sharded, sharded_metrics)))
   return out
 
@@ -106,7 +108,8 @@ def test_pmap_matches_single_device_float32(model):
   for net in ('e', 'g'):
     got = adam_moments(getattr(sharded, f'opt_state_{net}'))[1]
     expected = adam_moments(getattr(single, f'opt_state_{net}'))[1]
-    assert_trees_close(got, expected, rtol=1e-5, atol_scale=1e-5, what=f'grad {net}')
+    assert_trees_close(got, expected, rtol=1e-5, atol_scale=1e-5,
+                       what=f'grad {net}')
     assert_trees_close(getattr(sharded, f'batch_stats_{net}'),
                        getattr(single, f'batch_stats_{net}'), rtol=1e-5,
                        atol_scale=1e-5, what=f'stats {net}')
@@ -116,9 +119,11 @@ def test_pmap_matches_single_device_float32(model):
 def test_indivisible_global_batch_is_a_clear_error():
   check_devices()
   config = tiny_config('mlp', batch_size=6)
-  with pytest.raises(ValueError, match='batch_size=6 does not divide over 4 devices'):
+  with pytest.raises(ValueError,
+                     match='batch_size=6 does not divide over 4 devices'):
     introvae_jax.make_train_step(config, pmap=True)
-  with pytest.raises(ValueError, match='batch_size=6 does not divide over 4 devices'):
+  with pytest.raises(ValueError,
+                     match='batch_size=6 does not divide over 4 devices'):
     introvae_jax.shard_batch(tiny_batch(config))
 
 
@@ -138,5 +143,6 @@ def test_pmap_matches_single_device_float64(model):
     np.testing.assert_allclose(np.asarray(sharded_metrics[name])[0], value,
                                rtol=1e-8, atol=1e-12, err_msg=name)
   assert_replicas_identical(sharded)
-  assert_trees_close(to_numpy(introvae_jax.unreplicate(sharded)), to_numpy(single),
-                     rtol=1e-8, atol_scale=1e-10, what='state after 2 steps')
+  assert_trees_close(to_numpy(introvae_jax.unreplicate(sharded)),
+                     to_numpy(single), rtol=1e-8, atol_scale=1e-10,
+                     what='state after 2 steps')

@@ -60,7 +60,8 @@ def test_image_grid_layout():
   grid = sampling.image_grid(imgs, ncol=2)
   assert grid.shape == (6, 6, 1) and grid.dtype == np.uint8
   assert grid[0, 0, 0] == 0 and grid[0, 3, 0] == round(0.25 * 255)
-  assert grid[4, 0, 0] == 255 and grid[4, 3, 0] == 255  # 5th image, then padding
+  # 5th image, then padding
+  assert grid[4, 0, 0] == 255 and grid[4, 3, 0] == 255
 
 
 def test_slerp_endpoints_and_constant_norm():
@@ -93,7 +94,8 @@ def test_sample_cli_writes_grids_from_a_workdir(run, tmp_path):
   written = generate_cli.generate(workdir, out, num=6, interpolation_steps=5)
   names = {os.path.relpath(p, out) for p in written}
   assert {'samples.png', 'reconstructions.png', 'interpolation_linear.png',
-          'interpolation_slerp.png', os.path.join('samples', '0005.png')} <= names
+          'interpolation_slerp.png',
+          os.path.join('samples', '0005.png')} <= names
   grid = np.asarray(Image.open(os.path.join(out, 'interpolation_slerp.png')))
   assert grid.shape == (3 * 8, 5 * 8)  # 3 pairs of the 6 images, 5 steps each
   recs = np.asarray(Image.open(os.path.join(out, 'reconstructions.png')))

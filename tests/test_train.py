@@ -52,7 +52,8 @@ def test_main_end_to_end_and_kill9_resume_is_exact(tmp_path, cache_dir):
   assert complete_steps(full) == [2, 4, 6]
   values = scalars(full)
   assert SCALAR_TAGS <= set(values), SCALAR_TAGS - set(values)
-  assert {'eval/rec_psnr', 'eval/kl_real', 'eval/kl_fake'} <= set(values), sorted(values)
+  assert {'eval/rec_psnr', 'eval/kl_real', 'eval/kl_fake'} <= set(values), (
+      sorted(values))
   assert sorted(values['eval/rec_psnr']) == [3, 6]
   assert sorted(values['loss_e']) == [1, 2, 3, 4, 5, 6]
   assert values['vae_phase'][1] == 1.0 and values['vae_phase'][3] == 0.0
@@ -87,7 +88,8 @@ def test_sigterm_saves_a_complete_checkpoint(tmp_path, cache_dir):
   workdir = str(tmp_path / 'run')
   proc = subprocess.Popen(
       main_cmd(workdir, 100_000, '--config.checkpoint_every_steps=3',
-                '--config.log_every_steps=1000', '--config.image_every_steps=1000'),
+                '--config.log_every_steps=1000',
+                '--config.image_every_steps=1000'),
       cwd=REPO, env=env(cache_dir), stdout=subprocess.DEVNULL,
       stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 300
@@ -108,10 +110,12 @@ def test_half_written_checkpoint_is_ignored(tmp_path):
                         log_every_steps=1, image_every_steps=100)
   workdir = str(tmp_path / 'run')
   train.train_and_evaluate(config, workdir)
-  # An interrupted save leaves a temporary folder, or a step without its commit marker.
+  # An interrupted save leaves a temporary folder, or a step without its
+  # commit marker.
   ckpt = os.path.join(workdir, 'checkpoints')
   os.makedirs(os.path.join(ckpt, '7.orbax-checkpoint-tmp-123', 'default'))
-  with open(os.path.join(ckpt, '7.orbax-checkpoint-tmp-123', 'default', 'x'), 'w') as f:
+  with open(os.path.join(ckpt, '7.orbax-checkpoint-tmp-123', 'default', 'x'),
+            'w') as f:
     f.write('partial')
   manager = checkpointing.make_manager(workdir)
   assert manager.latest_step() == 2
@@ -172,8 +176,9 @@ def test_unwritable_workdir_fails_clearly(tmp_path):
     train.train_and_evaluate(tiny_config(), str(blocker / 'run'))
 
 
-@pytest.mark.parametrize('path', sorted(glob.glob(os.path.join(REPO, 'configs', '[!_]*.py'))),
-                         ids=os.path.basename)
+@pytest.mark.parametrize(
+    'path', sorted(glob.glob(os.path.join(REPO, 'configs', '[!_]*.py'))),
+    ids=os.path.basename)
 def test_every_config_loads_and_builds(path):
   spec = importlib.util.spec_from_file_location('cfg', path)
   module = importlib.util.module_from_spec(spec)
@@ -370,10 +375,10 @@ def test_a_workdir_without_identity_records_is_checked_against_config_json(
 
 def test_a_diverged_allowed_change_does_not_become_the_identity(tmp_path):
   """A resume with --config.allow_changes=m_plus,weight_neg whose new values
-  make the loss infinite stops before any checkpoint under them: config.json and the
-  checkpoints' record keep the old margin, so the original command still
-  resumes. Before the fix config.json recorded the new margin at the start
-  and the original command was refused from then on."""
+  make the loss infinite stops before any checkpoint under them: config.json and
+  the checkpoints' record keep the old margin, so the original command still
+  resumes. Before the fix config.json recorded the new margin at the start and
+  the original command was refused from then on."""
   workdir = str(tmp_path / 'run')
   base = dict(checkpoint_every_steps=1, log_every_steps=1,
               image_every_steps=100)

@@ -93,7 +93,8 @@ def update(nets, state, x, noise, config, axis_name):
   loss_rec, g_x_rec = jax.value_and_grad(
       lambda xr: losses.reconstruction_loss(x, xr).mean())(x_rec)
   kl_real, (g_mu, g_logvar) = jax.value_and_grad(
-      lambda a, b: losses.kl_divergence(a, b).mean(), argnums=(0, 1))(mu, logvar)
+      lambda a, b: losses.kl_divergence(a, b).mean(),
+      argnums=(0, 1))(mu, logvar)
 
   # Encoder on the fakes. E-step: gradients to params_e only (ng on inputs).
   def encode_fakes(params_e, stats, x_r, x_p):
@@ -128,10 +129,12 @@ def update(nets, state, x, noise, config, axis_name):
   # The reconstruction term reaches the encoder through z.
   _, g_z = dec_vjp((w_rec * g_x_rec, jnp.zeros_like(x_fake)))
   (g_e_real,) = enc_real_vjp((w_kl * g_mu, w_kl * g_logvar, g_z))
-  g_e = base.pmean(jax.tree_util.tree_map(jnp.add, g_e_real, g_e_adv), axis_name)
+  g_e = base.pmean(jax.tree_util.tree_map(jnp.add, g_e_real, g_e_adv),
+                   axis_name)
   params_e, opt_e = base.adam_step(tx_e, g_e, state.opt_state_e, state.params_e)
   loss_e = losses.encoder_loss(
-      loss_rec, kl_real, base.pmean(kl_rec, axis_name), base.pmean(kl_fake, axis_name),
+      loss_rec, kl_real, base.pmean(kl_rec, axis_name),
+      base.pmean(kl_fake, axis_name),
       m_plus=m, weight_rec=w_rec, weight_kl=w_kl, weight_neg=phase(0.0, w_neg))
 
   # Decoder step: KLs of the fakes under the updated encoder (reference) or

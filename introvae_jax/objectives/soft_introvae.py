@@ -13,11 +13,13 @@ line: docs/introvae.md, section 5. Per iteration, with s = 1 / (C*H*W)
    it -- and expELBO_y = mean exp(-2 s (b_rec ||y_r - y||^2 + b_neg KL_y))
    (l. 580-581; for y = x_r the target x_r is *not* detached, so that term
    also reaches E through z).
-   L_E = s (b_rec L_AE + b_kl KL_real) + 0.25 (expELBO_r + expELBO_p) (l. 583-586).
+   L_E = s (b_rec L_AE + b_kl KL_real) + 0.25 (expELBO_r + expELBO_p)
+   (l. 583-586).
 2. Decoder step, encoder frozen, the *updated* encoder E' (l. 591-624):
    KL_y = KL(E'(y)) for y in (x_r, x_p) with gradients to G through y;
    y_rr = G(ng reparam(E'(y))); L_G = s (b_rec L_AE + 0.5 b_kl (KL_r + KL_p)
-   + gamma_r 0.5 b_rec (||x_rr - ng x_r||^2 + ||x_pr - ng x_p||^2)) (l. 618-620).
+   + gamma_r 0.5 b_rec (||x_rr - ng x_r||^2 + ||x_pr - ng x_p||^2))
+   (l. 618-620).
 3. Warm-up (`num_vae_steps`, l. 512-533): one joint step of
    b_rec L_AE + b_kl KL_real (no scale) for both networks.
 
@@ -109,7 +111,8 @@ def update(nets, state, x, noise, config, axis_name):
                             losses.reparameterize(mu_r, lv_r, noise['eps_rec']))
     (mu_p, lv_p), stats = base.apply(encoder, params_e, stats, sg(x_fake))
     x_pr, s_pr = base.apply(decoder, state.params_g, r_g,
-                            losses.reparameterize(mu_p, lv_p, noise['eps_fake']))
+                            losses.reparameterize(mu_p, lv_p,
+                                                  noise['eps_fake']))
     kl_r = losses.kl_divergence(mu_r, lv_r)
     kl_p = losses.kl_divergence(mu_p, lv_p)
     terms = dict(scale=scale, beta_rec=b_rec, beta_neg=b_neg)
@@ -120,7 +123,8 @@ def update(nets, state, x, noise, config, axis_name):
   (elbo_rec, elbo_fake), elbo_vjp, (stats_e, s_rr, s_pr, kl_rec, kl_fake) = (
       jax.vjp(exp_elbos, state.params_e, x_rec, has_aux=True))
   g_e_fake, g_target = elbo_vjp((w_exp, w_exp))
-  _, g_z = dec_vjp((w_real * b_rec * g_x_rec + g_target, jnp.zeros_like(x_fake)))
+  _, g_z = dec_vjp((w_real * b_rec * g_x_rec + g_target,
+                    jnp.zeros_like(x_fake)))
   (g_e_real,) = enc_real_vjp((w_real * b_kl * g_mu, w_real * b_kl * g_logvar,
                               g_z))
   g_e = base.pmean(jax.tree_util.tree_map(jnp.add, g_e_real, g_e_fake),
