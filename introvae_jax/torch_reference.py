@@ -46,10 +46,13 @@ def skip_has_conv(c_in: int, c_out: int, two_entries: bool,
 
 class ResidualBlock(nn.Module):
   """Reference `_Residual_Block` (scale 1, groups 1): BN and activation after
-  the add."""
+  the add; `bn_before_add`: Soft-IntroVAE's `ResidualBlock`
+  (`train_soft_intro_vae.py` l. 38-75), bn2 on the branch before the add."""
 
-  def __init__(self, c_in: int, c_out: int, skip_conv: bool):
+  def __init__(self, c_in: int, c_out: int, skip_conv: bool,
+               bn_before_add: bool = False):
     super().__init__()
+    self.bn_before_add = bn_before_add
     self.conv_expand = (nn.Conv2d(c_in, c_out, 1, bias=False)
                         if skip_conv else None)
     self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
@@ -62,6 +65,8 @@ class ResidualBlock(nn.Module):
   def forward(self, x):
     skip = x if self.conv_expand is None else self.conv_expand(x)
     h = self.conv2(self.relu1(self.bn1(self.conv1(x))))
+    if self.bn_before_add:
+      return self.relu2(self.bn2(h) + skip)
     return self.relu2(self.bn2(h + skip))
 
 
@@ -296,6 +301,15 @@ def iteration(model: IntroVAE, opt_e, opt_g, x, eps, z_p, config, step: int,
                                  **kwargs)
 
 
+def _step(opt, loss, module: nn.Module, out: dict, grads_key) -> None:
+  """zero_grad, backward, the gradients into out[grads_key] (if given), step."""
+  opt.zero_grad()
+  loss.backward()
+  if grads_key:
+    out[grads_key] = _grads(module)
+  opt.step()
+
+
 def _trainable(module: nn.Module, flag: bool) -> None:
   for p in module.parameters():
     p.requires_grad = flag
@@ -339,11 +353,7 @@ def soft_introvae_iteration(model: IntroVAE, opt_e, opt_g, x, noise, config,
                                 + b_neg * kl_fake)).exp().mean()
   loss_e = (scale * (b_rec * loss_rec + b_kl * kl_real)
             + 0.25 * (expelbo_rec + expelbo_fake))
-  opt_e.zero_grad()
-  loss_e.backward()
-  if keep_grads:
-    out.update(grads_e=_grads(model.encoder))
-  opt_e.step()
+  _step(opt_e, loss_e, model.encoder, out, 'grads_e' if keep_grads else None)
 
   # ---- Decoder update (l. 591-624): the encoder frozen, after its step.
   _trainable(model.encoder, False)
@@ -363,11 +373,7 @@ def soft_introvae_iteration(model: IntroVAE, opt_e, opt_g, x, noise, config,
   kl_fake_g = kl_divergence(fake_mu, fake_logvar).mean()
   loss_g = scale * (b_rec * loss_rec_g + 0.5 * b_kl * (kl_rec_g + kl_fake_g)
                     + gamma_r * 0.5 * b_rec * (loss_rec_rec + loss_fake_rec))
-  opt_g.zero_grad()
-  loss_g.backward()
-  if keep_grads:
-    out.update(grads_g=_grads(model.decoder))
-  opt_g.step()
+  _step(opt_g, loss_g, model.decoder, out, 'grads_g' if keep_grads else None)
   _trainable(model.encoder, True)
 
   out.update(loss_rec=loss_rec, kl_real=kl_real, kl_rec=kl_rec.mean(),

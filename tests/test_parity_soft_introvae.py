@@ -141,27 +141,11 @@ def test_their_2d_networks_are_mlp_hidden_of_four_256_layers():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-class _TheirBlock(torch.nn.Module):
+def _their_block(inc, outc):
   """Soft-IntroVAE's `ResidualBlock` (`train_soft_intro_vae.py` l. 38-75,
-  scale 1): a 1x1 skip convolution only when the widths differ, bn2 on the
-  branch before the add."""
-
-  def __init__(self, inc, outc):
-    super().__init__()
-    nn = torch.nn
-    self.conv_expand = (nn.Conv2d(inc, outc, 1, bias=False) if inc != outc
-                        else None)
-    self.conv1 = nn.Conv2d(inc, outc, 3, padding=1, bias=False)
-    self.bn1 = nn.BatchNorm2d(outc)
-    self.relu1 = nn.LeakyReLU(0.2)
-    self.conv2 = nn.Conv2d(outc, outc, 3, padding=1, bias=False)
-    self.bn2 = nn.BatchNorm2d(outc)
-    self.relu2 = nn.LeakyReLU(0.2)
-
-  def forward(self, x):
-    skip = x if self.conv_expand is None else self.conv_expand(x)
-    out = self.relu1(self.bn1(self.conv1(x)))
-    return self.relu2(self.bn2(self.conv2(out)) + skip)
+  scale 1): a 1x1 skip convolution only when the widths differ (`!=`), bn2
+  on the branch before the add."""
+  return tr.ResidualBlock(inc, outc, skip_conv=inc != outc, bn_before_add=True)
 
 
 def _their_networks(cdim, zdim, channels, image_size):
@@ -174,20 +158,20 @@ def _their_networks(cdim, zdim, channels, image_size):
                       nn.BatchNorm2d(cc), nn.LeakyReLU(0.2), nn.AvgPool2d(2))
   sz = image_size // 2
   for ch in channels[1:]:
-    enc.add_module(f'res_in_{sz}', _TheirBlock(cc, ch))
+    enc.add_module(f'res_in_{sz}', _their_block(cc, ch))
     enc.add_module(f'down_to_{sz // 2}', nn.AvgPool2d(2))
     cc, sz = ch, sz // 2
-  enc.add_module(f'res_in_{sz}', _TheirBlock(cc, cc))
+  enc.add_module(f'res_in_{sz}', _their_block(cc, cc))
   model.encoder = nn.Module()
   model.encoder.main = enc
   model.encoder.fc = nn.Linear(cc * sz * sz, 2 * zdim)
   cc, sz = channels[-1], 4
   dec = nn.Sequential()
   for ch in channels[::-1]:
-    dec.add_module(f'res_in_{sz}', _TheirBlock(cc, ch))
+    dec.add_module(f'res_in_{sz}', _their_block(cc, ch))
     dec.add_module(f'up_to_{sz * 2}', nn.Upsample(scale_factor=2))
     cc, sz = ch, sz * 2
-  dec.add_module(f'res_in_{sz}', _TheirBlock(cc, cc))
+  dec.add_module(f'res_in_{sz}', _their_block(cc, cc))
   dec.add_module('predict', nn.Conv2d(cc, cdim, 5, 1, 2))
   model.decoder = nn.Module()
   model.decoder.fc = nn.Sequential(nn.Linear(zdim, channels[-1] * 16),
