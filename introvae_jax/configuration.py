@@ -18,10 +18,10 @@ from etils import epath
 import jax
 import ml_collections
 
+from introvae_jax import objectives
 from introvae_jax.errors import ConfigError
 
-# The objectives' registry (introvae_jax.objectives.REGISTRY) has these keys.
-OBJECTIVES = ('vae', 'introvae', 'soft_introvae')
+OBJECTIVES = tuple(objectives.REGISTRY)  # config.objective: a registered one
 MODES = ('reference', 'fused')
 ARCHS = ('conv', 'mlp')
 DTYPES = ('float32', 'bfloat16', 'float64')  # bfloat16: mixed precision.
@@ -521,7 +521,6 @@ def validate(config) -> None:
            f'needs image_size={4 * 2 ** len(chans)} (or set channels to '
            f'introvae_jax.channels_for({size})).')
   if config.mode == 'fused':
-    from introvae_jax import objectives  # pylint: disable=g-import-not-at-top
     if not objectives.get(config.objective).FUSED:
       fail(f"mode='fused' is IntroVAE's one-pass variant; objective="
            f"{config.objective!r} has no fused form: use mode='reference'.")

@@ -35,10 +35,6 @@ def test_every_objective_keeps_the_contract(name):
   assert int(state.step) == 1
 
 
-def test_registry_and_config_choices_agree():
-  assert tuple(objectives.REGISTRY) == configuration.OBJECTIVES
-
-
 def test_the_shell_draws_each_declared_noise_for_the_global_batch():
   """Soft-IntroVAE's six draws are distinct, and the first two are the ones
   IntroVAE draws (the same keys)."""

@@ -2,9 +2,10 @@
 
 Each module follows the contract in `base` (`NOISE`, `FUSED`, `READS`,
 `update`); `step.train_step` is the shell around it. To add one: write its
-module, register it here and in `configuration.OBJECTIVES`, give its
-hyper-parameters a config namespace, and test it (tests/test_objectives.py
-runs the contract checks over every registered objective).
+module, register it here (`configuration.OBJECTIVES`, compare's cells and
+the contract tests read this registry), give its hyper-parameters a config
+namespace with their constraints (`configuration.base_config`,
+`CONSTRAINTS`), and test it.
 """
 
 from introvae_jax.objectives import introvae
