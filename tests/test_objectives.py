@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+import introvae_jax
 from introvae_jax import configuration
 from introvae_jax import objectives
 from introvae_jax import step as step_lib
@@ -100,3 +101,25 @@ def test_a_diverging_soft_introvae_run_gives_its_own_advice(tmp_path):
   with pytest.raises(train.NonFiniteLossError,
                      match=r"step 1: .*Raise soft_introvae.beta_neg"):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
+
+
+@pytest.mark.parametrize('name', sorted(objectives.REGISTRY))
+def test_model_flops_match_xlas_count_of_the_step(name):
+  """Each objective's PASSES (forward-pass equivalents per example) times
+  the layer-shape count of the networks (taps on 'SAME' padding left out,
+  as XLA counts) is XLA's FLOP count of its compiled step, within the
+  elementwise work it leaves out (measured at 32 px: 2.0%, 2.7%, 2.2% for
+  introvae, soft_introvae, vae)."""
+  import functools  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from introvae_jax import hardware  # pylint: disable=g-import-not-at-top
+  config = tiny_config(objective=name, image_size=16, channels=(8, 16),
+                       hdim=8, batch_size=4)
+  state = introvae_jax.abstract_train_state(config)
+  x = jax.ShapeDtypeStruct((4, 16, 16, 3), jnp.float32)
+  compiled = jax.jit(functools.partial(step_lib.train_step, config=config)
+                     ).lower(state, x).compile()
+  cost = compiled.cost_analysis()
+  xla = (cost[0] if isinstance(cost, list) else cost)['flops']
+  model = hardware.analytic_flops(config, 4, exact_taps=True)
+  assert 1.0 <= xla / model <= 1.08, (xla, model, xla / model)
