@@ -26,7 +26,7 @@ torch = pytest.importorskip('torch', reason='parity tests need torch: '
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-from introvae_jax import base_config, checkpointing, convert, models  # pylint: disable=g-import-not-at-top
+from introvae_jax import base_config, checkpointing, convert, models, objectives  # pylint: disable=g-import-not-at-top
 from introvae_jax import step as step_lib  # pylint: disable=g-import-not-at-top
 from introvae_jax import torch_reference as tr  # pylint: disable=g-import-not-at-top
 from conftest import in_subprocess  # pylint: disable=g-import-not-at-top
@@ -192,7 +192,7 @@ def run_both(config, steps, first_step=0, seed=0):
 @functools.lru_cache(maxsize=None)
 def _jitted_forward(config):
   encoder, decoder = models.build_models(config)
-  apply = step_lib._apply  # pylint: disable=protected-access
+  apply = objectives.base.apply
 
   def forward(state, x, z):
     (mu, logvar), stats_e = apply(encoder, state.params_e,

@@ -246,7 +246,7 @@ def test_second_signal_aborts_at_once():
   snippet = textwrap.dedent("""
       import os, signal, time
       from introvae_jax import train
-      with train._StopSignals() as signals:
+      with train.StopSignals() as signals:
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.5)  # the handler runs between bytecodes
         assert signals.received == signal.SIGINT
