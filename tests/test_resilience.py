@@ -305,7 +305,7 @@ def test_main_enables_x64_for_float64(tmp_path):
       from absl import app
       import main
       from introvae_jax import checkpointing, train
-      def fake_train(config, workdir):
+      def fake_train(config, workdir, signals=None):
         state = checkpointing.abstract_state(config)
         dtypes = {str(l.dtype)
                   for l in jax.tree_util.tree_leaves(state.params_e)}

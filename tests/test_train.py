@@ -200,8 +200,8 @@ def _overflow_from(monkeypatch, first, last=None):
   computed before it, are still finite."""
   make_optimizers = step_lib.make_optimizers
 
-  def overflowing(config):
-    tx_e, _ = make_optimizers(config)
+  def overflowing(config, step=None):
+    tx_e, _ = make_optimizers(config, step)
     def lr(count):  # count: updates made before this one
       hit = count + 1 >= first
       if last is not None:
