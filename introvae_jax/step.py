@@ -175,7 +175,7 @@ def train_step(state: TrainState, batch, config: ml_collections.ConfigDict, *,
     finite keeps the previous state (only `step` and `skipped_steps` move).
   """
   x = batch['image'] if isinstance(batch, Mapping) else batch
-  ct = jnp.promote_types(jnp.dtype(config.dtype), jnp.float32)
+  ct = objectives.base.compute_dtype(config)
   x = jnp.asarray(x).astype(ct)
   bn_axis = axis_name if config.sync_batch_stats else None
   objective = objectives.get(config.objective)
