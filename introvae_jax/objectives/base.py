@@ -71,13 +71,14 @@ def chain_stats(start, *returned):
   which was run from `start` and returned `returned[i]`.
 
   A call's update r -> keep * r + (1 - keep) * s is linear, so calls can run
-  from the same statistics (inside one VJP, or reused) and be chained here.
+  from the same statistics (inside one VJP, or reused) and be chained here:
+  after call i, r_i = ret_i + keep * (r_(i-1) - r), so r_1 = ret_1 exactly.
   """
   keep = 1.0 - models.BN_MOMENTUM
   def chain(r, *rets):
     cur = r
     for ret in rets:
-      cur = keep * cur + (ret - keep * r)
+      cur = ret + keep * (cur - r)
     return cur
   return jax.tree_util.tree_map(chain, start, *returned)
 

@@ -24,7 +24,6 @@ import jax.numpy as jnp
 import optax
 
 from introvae_jax import losses
-from introvae_jax import models
 from introvae_jax.objectives import base
 
 NOISE = ('eps', 'z_p')
@@ -82,10 +81,8 @@ def update(nets, state, x, noise, config, axis_name):
     r = state.batch_stats_g
     x_fake, s_fake = base.apply(decoder, params_g, r, z_p)
     x_rec, s_rec = base.apply(decoder, params_g, r, z)
-    keep = 1.0 - models.BN_MOMENTUM
-    chained = jax.tree_util.tree_map(lambda a, b, c: a + keep * (b - c),
-                                     s_rec, s_fake, r)
-    return (x_rec, x_fake), base.select(warmup, s_rec, chained)
+    return (x_rec, x_fake), base.select(warmup, s_rec,
+                                        base.chain_stats(r, s_fake, s_rec))
 
   (x_rec, x_fake), dec_vjp, stats_g = jax.vjp(decode, state.params_g, z,
                                               has_aux=True)
