@@ -192,6 +192,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.image_size = 64
   c.channels = (128, 256, 512, 512)
   c.image_channels = 3
+  c.base_size = 4               # side of the smallest map: image_size is
+                                # base_size * 2**len(channels) (7: the
+                                # 28 px MNIST networks of Soft-IntroVAE).
   c.hdim = 512
   c.reference_layout = True     # extra 1x1 conv on 512->512 blocks
                                 # (checkpoints).
@@ -305,7 +308,8 @@ CONSTRAINTS = {
     # and seed + 2; NumPy's SeedSequence (data order) refuses negatives.
     'seed': Int(low=0, high=2**31 - 1),
     'arch': Choice(ARCHS),
-    'image_size': _COUNT,          # conv: 4 * 2**len(channels), checked below
+    'image_size': _COUNT,  # conv: base_size * 2**len(channels), see below
+    'base_size': _COUNT,
     'channels': PositiveInts(),
     'image_channels': Choice((1, 3)),
     'hdim': _COUNT,
@@ -513,13 +517,18 @@ def validate(config) -> None:
          'made.')
   if config.arch == 'conv':
     size, chans = config.image_size, tuple(config.channels)
-    if size < 8 or size & (size - 1):
-      fail(f'image_size={size} is not 4 * 2**n (8, 16, 32, ... 1024).')
-    if 4 * 2 ** len(chans) != size:
-      fail(f'image_size={size} does not match channels={_shown(chans)}: the '
-           f'model downsamples len(channels)={len(chans)} times to 4x4, so it '
-           f'needs image_size={4 * 2 ** len(chans)} (or set channels to '
-           f'introvae_jax.channels_for({size})).')
+    base = config.base_size
+    if base == 4 and (size < 8 or size & (size - 1)):
+      fail(f'image_size={size} is not 4 * 2**n (8, 16, 32, ... 1024); '
+           'another size needs config.base_size (image_size = base_size * '
+           '2**len(channels)).')
+    if base * 2 ** len(chans) != size:
+      fail(f'image_size={size} does not match channels={_shown(chans)} and '
+           f'base_size={base}: the model downsamples len(channels)='
+           f'{len(chans)} times to {base}x{base}, so it needs image_size='
+           f'{base * 2 ** len(chans)} (or set channels to '
+           f'introvae_jax.channels_for({size}), or base_size to '
+           f'image_size / 2**len(channels)).')
   if config.mode == 'fused':
     if not objectives.get(config.objective).FUSED:
       fail(f"mode='fused' is IntroVAE's one-pass variant; objective="

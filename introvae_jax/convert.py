@@ -16,13 +16,25 @@ does, so `introvae_jax.generate`, `introvae_jax.evaluation` and `main.py`
 open the converted workdir like a trained one.
 
 Without `--config`, the model fields (channels, hdim, image size, image
-channels, the skip-convolution layout) are read off the checkpoint and the
-other fields are `base_config()`'s; with it, they must agree with the
-checkpoint. Export: a workdir's weights become a PyTorch `state_dict` with
-the reference's key names, for the reference's `model.load_state_dict`::
+channels, the decoder's base map, the skip-convolution layout) are read off
+the checkpoint and the other fields are `base_config()`'s; with it, they
+must agree with the checkpoint. Export: a workdir's weights become a PyTorch
+`state_dict` with the reference's key names, for the reference's
+`model.load_state_dict`::
 
   python -m introvae_jax.convert --jax_checkpoint=runs/converted \
       --out=introvae.pth [--step=N]
+
+Soft-IntroVAE's files (taldatech/soft-intro-vae-pytorch `save_checkpoint`:
+`{"epoch", "model": state_dict}`) use the same keys with another residual
+block (`bn2` before the skip add), which no key or shape tells apart. The
+import takes the block from the recipe (`--config` with
+`residual_block='soft_introvae'`, e.g. configs/soft_cifar10.py, or
+`--residual_block=soft_introvae`) and refuses a file whose BatchNorm
+statistics fit the other block (`check_block_variant`). A Soft-IntroVAE
+workdir exports as `{"epoch": 0, "model": state_dict}`, what their
+`load_model` reads. Their 28 px MNIST networks have a 7x7 decoder base
+(`base_size`, read off the file).
 
 Layout changes (reference NCHW / PyTorch -> this project NHWC / Flax):
 convolution kernels OIHW -> HWIO; dense weights [out, in] -> kernels
@@ -47,6 +59,7 @@ any array is made, as main.py does.
 """
 import collections
 import io
+import math
 import re
 from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 
@@ -61,6 +74,7 @@ from introvae_jax import checkpointing
 from introvae_jax import configuration
 from introvae_jax import errors
 from introvae_jax import files
+from introvae_jax import models
 from introvae_jax import step as step_lib
 from introvae_jax import workdir as workdir_lib
 from introvae_jax.errors import BadFileError, MissingFileError
@@ -188,28 +202,30 @@ def _layers(n: int, image_size: int, has_expand):
   yield 'g', ('conv_out',), 'decoder.main.predict', 'conv'
 
 
-def _encoder_fc_to_flax(w, b):
-  """[2h, C*16] reading (C, 4, 4) -> kernel [16*C, 2h] reading (4, 4, C)."""
+def _encoder_fc_to_flax(w, b, base):
+  """[2h, C*b*b] reading (C, b, b) -> kernel [b*b*C, 2h] reading (b, b, C)."""
   out = w.shape[0]
-  return w.reshape(out, -1, 4, 4).transpose(2, 3, 1, 0).reshape(-1, out), b
+  return (w.reshape(out, -1, base, base).transpose(2, 3, 1, 0)
+          .reshape(-1, out), b)
 
 
-def _encoder_fc_to_torch(kernel, b):
+def _encoder_fc_to_torch(kernel, b, base):
   out = kernel.shape[1]
-  return kernel.reshape(4, 4, -1, out).transpose(3, 2, 0, 1).reshape(out, -1), b
+  return (kernel.reshape(base, base, -1, out).transpose(3, 2, 0, 1)
+          .reshape(out, -1), b)
 
 
-def _decoder_fc_to_flax(w, b):
-  """[C*16, h] writing (C, 4, 4) -> kernel [h, 16*C] writing (4, 4, C)."""
+def _decoder_fc_to_flax(w, b, base):
+  """[C*b*b, h] writing (C, b, b) -> kernel [h, b*b*C] writing (b, b, C)."""
   h = w.shape[1]
-  kernel = w.reshape(-1, 4, 4, h).transpose(3, 1, 2, 0).reshape(h, -1)
-  return kernel, b.reshape(-1, 4, 4).transpose(1, 2, 0).reshape(-1)
+  kernel = w.reshape(-1, base, base, h).transpose(3, 1, 2, 0).reshape(h, -1)
+  return kernel, b.reshape(-1, base, base).transpose(1, 2, 0).reshape(-1)
 
 
-def _decoder_fc_to_torch(kernel, b):
+def _decoder_fc_to_torch(kernel, b, base):
   h = kernel.shape[0]
-  w = kernel.reshape(h, 4, 4, -1).transpose(3, 1, 2, 0).reshape(-1, h)
-  return w, b.reshape(4, 4, -1).transpose(2, 0, 1).reshape(-1)
+  w = kernel.reshape(h, base, base, -1).transpose(3, 1, 2, 0).reshape(-1, h)
+  return w, b.reshape(base, base, -1).transpose(2, 0, 1).reshape(-1)
 
 
 _FC = {'encoder_fc': (_encoder_fc_to_flax, _encoder_fc_to_torch),
@@ -217,14 +233,18 @@ _FC = {'encoder_fc': (_encoder_fc_to_flax, _encoder_fc_to_torch),
 
 
 def _num_blocks(keys) -> Tuple[int, int]:
-  """(len(channels), image_size) from the encoder's `res_in_*` blocks."""
+  """(len(channels), image_size) from the encoder's `res_in_*` blocks: the
+  first is named after image_size / 2 (28 px: res_in_14, res_in_7)."""
   sizes = {int(m.group(1)) for k in keys
            if (m := re.match(r'encoder\.main\.res_in_(\d+)\.', k))}
   if not sizes:
     raise BadFileError('No encoder.main.res_in_* entries: not an IntroVAE '
                      'checkpoint (or not from the reference code).')
-  n = len(sizes)
-  return n, 4 * 2 ** n
+  n, image_size = len(sizes), 2 * max(sizes)
+  if sorted(sizes) != [image_size >> i for i in range(n, 0, -1)]:
+    raise BadFileError(f'Encoder blocks res_in_{sorted(sizes)} do not halve '
+                       'from block to block: not an IntroVAE checkpoint.')
+  return n, image_size
 
 
 def _entry(state_dict: Mapping[str, np.ndarray], key: str,
@@ -266,6 +286,7 @@ def infer_model_fields(state_dict: Mapping[str, np.ndarray]) -> dict:
   if has and any(has) != all(has):
     raise BadFileError(f'Inconsistent skip convolutions in {quirk}: {has}.')
   return dict(arch='conv', image_size=image_size, channels=tuple(channels),
+              base_size=image_size >> n,
               hdim=_entry(state_dict, 'encoder.fc.weight', 2).shape[0] // 2,
               image_channels=conv_in.shape[1], reference_layout=layout)
 
@@ -317,7 +338,7 @@ def torch_to_variables(state_dict: Mapping[str, np.ndarray]) -> Dict[str, dict]:
       used.add(f'{ref}.num_batches_tracked')
     else:
       kernel, bias = _FC[kind][0](take(f'{ref}.weight', 2),
-                                  take(f'{ref}.bias'))
+                                  take(f'{ref}.bias'), image_size >> n)
       _set(params, path + ('kernel',), kernel)
       _set(params, path + ('bias',), bias)
   unexpected = sorted(set(sd) - used)
@@ -336,7 +357,10 @@ def variables_to_torch_arrays(params_e, batch_stats_e, params_g,
   trees = {'params_e': params_e, 'batch_stats_e': batch_stats_e,
            'params_g': params_g, 'batch_stats_g': batch_stats_g}
   n = len([k for k in params_e if k.startswith('block_')])
-  image_size = 4 * 2 ** n
+  # The encoder's dense layer reads base x base x (its last block's width).
+  width = np.shape(params_e[f'block_{n}']['conv2']['kernel'])[-1]
+  base = math.isqrt(np.shape(params_e['fc']['kernel'])[0] // width)
+  image_size = base << n
   has_expand = lambda net, block, ref: (
       'conv_expand' in trees[f'params_{net}'][block])
   sd = collections.OrderedDict()
@@ -356,7 +380,7 @@ def variables_to_torch_arrays(params_e, batch_stats_e, params_g,
       sd[f'{ref}.num_batches_tracked'] = np.zeros((), np.int64)
     else:
       w, b = _FC[kind][1](get(params, path + ('kernel',)),
-                          get(params, path + ('bias',)))
+                          get(params, path + ('bias',)), base)
       sd[f'{ref}.weight'], sd[f'{ref}.bias'] = w, b
   return sd
 
@@ -390,18 +414,98 @@ def check_model_fields(config, state_dict: Mapping[str, np.ndarray]) -> None:
                      'out --config to take them from the checkpoint.')
 
 
-def config_for_checkpoint(state_dict: Mapping[str, np.ndarray], config=None):
+def config_for_checkpoint(state_dict: Mapping[str, np.ndarray], config=None,
+                          residual_block: Optional[str] = None):
   """`config` checked against the checkpoint, or base_config() with its model
-  fields."""
+  fields and `residual_block` (the one model field the keys cannot tell:
+  default 'introvae')."""
   if config is None:
     config = configuration.base_config()
     with config.unlocked():
       for k, v in infer_model_fields(state_dict).items():
         if v is not None:
           config[k] = v
+      if residual_block is not None:
+        config.residual_block = residual_block
+  elif residual_block not in (None, config.residual_block):
+    raise errors.UserError(
+        f'--residual_block={residual_block} and the recipe\'s '
+        f'residual_block={config.residual_block!r} disagree; give one of them.')
   check_model_fields(config, state_dict)
   configuration.validate(config)
   return config
+
+
+# The two block variants by their config value, and the factor by which the
+# other variant must fit a file's statistics better before an import under
+# the recipe's variant is refused.
+_BLOCKS = {'introvae': False, 'soft_introvae': True}  # bn_before_add
+_MISFIT_RATIO = 10.0
+
+
+def block_misfit(variables: Mapping[str, dict], config,
+                 num: int = 64, num_blocks: int = 2) -> Dict[str, float]:
+  """{residual_block: misfit} of the decoder's stored BatchNorm statistics.
+
+  IntroVAE's and Soft-IntroVAE's files have the same keys and shapes; only
+  what `bn2` normalised differs (the branch plus the skip, or the branch
+  alone). The decoder learns to decode N(0, I) codes (the prior samples of
+  every iteration), so decoding `num` of them through its first
+  `num_blocks` blocks in training mode reproduces the `bn2` batch
+  statistics it was trained on under the right variant. The misfit is the
+  mean over their `bn2` channels of ((batch mean - running mean)^2 /
+  running var + log(batch var / running var)^2). Measured on 28 px models
+  trained 150 steps (tests/test_convert.py): 0.003-0.008 for the right
+  block, 0.71-0.73 for the wrong one, for both objectives; a fresh model's
+  unchanged statistics give 0.30 and 1.17, hence the factor 10.
+  """
+  params, stats = variables['params_g'], variables['batch_stats_g']
+  dtype = jnp.float32
+  z = jax.random.normal(jax.random.PRNGKey(0), (num, config.hdim), dtype)
+  base, m = config.base_size, models.BN_MOMENTUM
+  out = {}
+  for block_name, before_add in _BLOCKS.items():
+    fc = params['fc']
+    h = jax.nn.relu(z @ jnp.asarray(fc['kernel'], dtype)
+                    + jnp.asarray(fc['bias'], dtype))
+    h = h.reshape(num, base, base, -1)
+    terms = []
+    for k in range(min(num_blocks, len(config.channels) + 1)):
+      p, s = params[f'block_{k}'], stats[f'block_{k}']
+      block = models.ResidualBlock(
+          np.shape(p['conv1']['kernel'])[-1], 'conv_expand' in p,
+          bn_before_add=before_add)
+      cast = lambda t: jax.tree_util.tree_map(
+          lambda a: jnp.asarray(a, dtype), t)
+      h, new = block.apply({'params': cast(p), 'batch_stats': cast(s)}, h,
+                           True, mutable=['batch_stats'])
+      for bn in ('bn2',):
+        old_mean = jnp.asarray(s[bn]['mean'], dtype)
+        old_var = jnp.maximum(jnp.asarray(s[bn]['var'], dtype), 1e-8)
+        # Running = (1 - m) * running + m * batch, so batch is recoverable.
+        mean = (new['batch_stats'][bn]['mean'] - (1 - m) * old_mean) / m
+        var = (new['batch_stats'][bn]['var'] - (1 - m) * old_var) / m
+        terms.append(jnp.square(mean - old_mean) / old_var
+                     + jnp.square(jnp.log(jnp.maximum(var, 1e-8) / old_var)))
+      h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
+    out[block_name] = float(jnp.mean(jnp.concatenate(terms)))
+  return out
+
+
+def check_block_variant(variables: Mapping[str, dict], config) -> None:
+  """BadFileError when the file's statistics fit the other residual block
+  `_MISFIT_RATIO` times better than the recipe's `residual_block`."""
+  misfit = block_misfit(variables, config)
+  want = config.residual_block
+  other = next(b for b in _BLOCKS if b != want)
+  if misfit[want] > _MISFIT_RATIO * misfit[other]:
+    raise BadFileError(
+        f'its BatchNorm statistics fit the {other!r} residual block, not the '
+        f'recipe\'s residual_block={want!r} (decoder misfit {misfit[want]:.3g} '
+        f'vs {misfit[other]:.3g}): the two papers\' files have the same keys, '
+        f'so loading it would silently build the wrong network. Import it '
+        f'with a recipe for its code (--config.residual_block={other} or, '
+        f'without --config, --residual_block={other}).')
 
 
 def train_state_from_reference(state_dict: Mapping[str, np.ndarray], config):
@@ -420,6 +524,7 @@ def train_state_from_reference(state_dict: Mapping[str, np.ndarray], config):
           f'(reference_layout={config.reference_layout}); e.g. '
           + '; '.join(f'{k}: config {want.get(k)}, checkpoint {got.get(k)}'
                       for k in diff[:4]))
+  check_block_variant(variables, config)
   variables = {name: jax.tree_util.tree_map(
       lambda a, spec: jnp.asarray(a, spec.dtype), tree, getattr(abstract, name))
                for name, tree in variables.items()}
@@ -478,7 +583,8 @@ def restore_variables(workdir: str, step: Optional[int] = None) -> dict:
 # Command line.
 
 
-def convert_reference(torch_checkpoint: str, workdir: str, config=None):
+def convert_reference(torch_checkpoint: str, workdir: str, config=None,
+                      residual_block: Optional[str] = None):
   """Reference .pth -> TrainState at `<workdir>/checkpoints/0`, and
   `<workdir>/config.json` (the config it was built from: the model fields
   read off the checkpoint over `config`, or over base_config()).
@@ -488,7 +594,7 @@ def convert_reference(torch_checkpoint: str, workdir: str, config=None):
   check_new_workdir(workdir)
   state_dict = load_reference_checkpoint(torch_checkpoint)
   try:
-    config = config_for_checkpoint(state_dict, config)
+    config = config_for_checkpoint(state_dict, config, residual_block)
     state = train_state_from_reference(state_dict, config)
   except BadFileError as e:
     raise BadFileError(f'{torch_checkpoint}: {e}') from e
@@ -502,11 +608,20 @@ def convert_reference(torch_checkpoint: str, workdir: str, config=None):
 
 def export_reference(workdir: str, out: str,
                      step: Optional[int] = None) -> None:
-  """A workdir's checkpoint -> reference state_dict .pth (`load_state_dict`)."""
+  """A workdir's checkpoint -> .pth: a plain state_dict (IntroVAE's block,
+  for `model.load_state_dict`), or Soft-IntroVAE's own `{'epoch': 0,
+  'model': state_dict}` (what their `load_model` reads) when the workdir's
+  config.json says residual_block='soft_introvae'; epoch 0: a step count has
+  no epoch."""
   torch = _torch()
   variables = restore_variables(workdir, step)
+  state_dict = export_state_dict(variables)
+  config_path = workdir_lib.path(workdir, checkpointing.CONFIG_NAME)
+  if (config_path.exists() and configuration.read_json(str(config_path)).get(
+      'residual_block') == 'soft_introvae'):
+    state_dict = {'epoch': 0, 'model': state_dict}
   buffer = io.BytesIO()
-  torch.save(export_state_dict(variables), buffer)
+  torch.save(state_dict, buffer)
   epath.Path(out).write_bytes(buffer.getvalue())
 
 
@@ -558,11 +673,14 @@ def main(argv):
     if f.config is not None:  # before any array is made, as main.py does
       configuration.enable_x64_for(f.config.dtype,
                                    f'--config dtype={f.config.dtype!r}')
-    _, config, path = convert_reference(f.torch_checkpoint, f.out, f.config)
+    _, config, path = convert_reference(f.torch_checkpoint, f.out, f.config,
+                                        f.residual_block)
     print(f'Wrote {path}: image_size={config.image_size} '
           f'channels={tuple(config.channels)} hdim={config.hdim} '
           f'image_channels={config.image_channels} '
-          f'reference_layout={config.reference_layout}')
+          f'base_size={config.base_size} '
+          f'reference_layout={config.reference_layout} '
+          f'residual_block={config.residual_block}')
   else:
     if f.config is not None:
       raise errors.UserError('--config is for import (--torch_checkpoint); '
@@ -586,6 +704,12 @@ def _define_flags():
                       'state_dict).')
   flags.DEFINE_string('jax_checkpoint', None,
                       'Export: a workdir of this project (its checkpoints/).')
+  flags.DEFINE_enum('residual_block', None, list(_BLOCKS),
+                    "Import: the block the file's code used ('introvae': "
+                    "hhb072/IntroVAE, 'soft_introvae': Soft-IntroVAE's; "
+                    'default: the recipe\'s, else introvae). Their keys are '
+                    'the same; a file whose statistics fit the other block is '
+                    'refused.')
   flags.DEFINE_integer('step', None, 'Step to export (default: latest).',
                        lower_bound=0)
   flags.DEFINE_string('out', None, 'Import: a new workdir (the checkpoint goes '

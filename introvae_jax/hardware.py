@@ -113,7 +113,8 @@ def forward_flops(config, exact_taps: bool = False) -> Tuple[int, int]:
   count does (a third of a 3x3 window at 4x4; little at 64 px and up)."""
   _conv = lambda s, c_in, c_out, k: 2 * _taps(s, k, exact_taps) * c_in * c_out
   chans = tuple(config.channels)
-  size = models.image_size_for(chans)
+  base = config.base_size
+  size = models.image_size_for(chans, base)
   img, hdim = config.image_channels, config.hdim
   skip = lambda a, b, two: models._has_skip_conv(  # pylint: disable=protected-access
       a, b, two, config.reference_layout)
@@ -130,8 +131,8 @@ def forward_flops(config, exact_taps: bool = False) -> Tuple[int, int]:
   enc += block(s, chans[-1], chans[-1], False)
   enc += 2 * s * s * chans[-1] * 2 * hdim
 
-  dec = 2 * hdim * chans[-1] * 16
-  s, prev = 4, len(chans) - 1
+  dec = 2 * hdim * chans[-1] * base * base
+  s, prev = base, len(chans) - 1
   for i in reversed(range(len(chans))):
     dec += block(s, chans[prev], chans[i],
                  skip(chans[prev], chans[i], prev != i))

@@ -40,9 +40,9 @@ def channels_for(image_size: int) -> Tuple[int, ...]:
   return _CHANNELS_256[len(_CHANNELS_256) - depth:]
 
 
-def image_size_for(channels: Sequence[int]) -> int:
-  """Image size implied by a channel list: 4 * 2**len(channels)."""
-  return 4 * 2 ** len(channels)
+def image_size_for(channels: Sequence[int], base: int = 4) -> int:
+  """Image size implied by a channel list: base * 2**len(channels)."""
+  return base * 2 ** len(channels)
 
 
 def _has_skip_conv(c_in: int, c_out: int, from_two_entries: bool,
@@ -197,14 +197,15 @@ class Encoder(nn.Module):
   remat: bool = False
   precision: Any = None
   bn_before_add: bool = False
+  base: int = 4
 
   @nn.compact
   def __call__(self, x, train: bool = True):
     chans = tuple(self.channels)
-    if x.shape[1] != image_size_for(chans) or x.shape[2] != x.shape[1]:
-      raise ValueError(f'Encoder with channels={chans} expects '
-                       f'{image_size_for(chans)}px square images, got '
-                       f'{x.shape}.')
+    size = image_size_for(chans, self.base)
+    if x.shape[1] != size or x.shape[2] != x.shape[1]:
+      raise ValueError(f'Encoder with channels={chans} and base={self.base} '
+                       f'expects {size}px square images, got {x.shape}.')
     block = lambda f, skip, name: _block(self.remat)(
         f, skip, self.bn_axis_name, self.conv_impl, self.dtype,
         self.precision, self.bn_before_add, name=name)
@@ -227,7 +228,10 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-  """z [B, hdim] -> image [B, H, W, image_channels] (linear output, float32)."""
+  """z [B, hdim] -> image [B, H, W, image_channels] (linear output, float32).
+
+  The dense layer writes a `base` x `base` map (Soft-IntroVAE sizes it as
+  the encoder's last map: 7 for their 28 px networks)."""
   channels: Sequence[int]
   hdim: int
   image_channels: int = 3
@@ -238,17 +242,18 @@ class Decoder(nn.Module):
   remat: bool = False
   precision: Any = None
   bn_before_add: bool = False
+  base: int = 4
 
   @nn.compact
   def __call__(self, z, train: bool = True):
-    chans = tuple(self.channels)
+    chans, b = tuple(self.channels), self.base
     block = lambda f, skip, name: _block(self.remat)(
         f, skip, self.bn_axis_name, self.conv_impl, self.dtype,
         self.precision, self.bn_before_add, name=name)
-    h = nn.Dense(chans[-1] * 16, dtype=self.dtype,
+    h = nn.Dense(chans[-1] * b * b, dtype=self.dtype,
                  param_dtype=_float(self.dtype), precision=self.precision,
                  name='fc')(z.astype(self.dtype))
-    h = nn.relu(h).reshape((z.shape[0], 4, 4, chans[-1]))
+    h = nn.relu(h).reshape((z.shape[0], b, b, chans[-1]))
     # The reference walks the list backwards; its first block pairs the last
     # entry with itself (one list entry), later ones pair two adjacent entries.
     prev = len(chans) - 1
@@ -319,7 +324,8 @@ def build_models(config, bn_axis_name: Optional[str] = None):
             reference_layout=m.reference_layout, bn_axis_name=bn_axis_name,
             conv_impl=m.conv_impl, dtype=dtype, remat=m.remat,
             precision=precision,
-            bn_before_add=m.residual_block == 'soft_introvae')
+            bn_before_add=m.residual_block == 'soft_introvae',
+            base=m.base_size)
   return Encoder(**kw), Decoder(image_channels=m.image_channels, **kw)
 
 

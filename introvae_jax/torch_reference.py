@@ -70,19 +70,21 @@ class ResidualBlock(nn.Module):
     return self.relu2(self.bn2(h + skip))
 
 
-def _check_size(channels, image_size):
-  if 4 * 2 ** len(channels) != image_size:
-    raise ValueError(f'channels={tuple(channels)} need image_size='
-                     f'{4 * 2 ** len(channels)}, got {image_size}.')
+def _check_size(channels, image_size, base):
+  if base * 2 ** len(channels) != image_size:
+    raise ValueError(f'channels={tuple(channels)} and base={base} need '
+                     f'image_size={base * 2 ** len(channels)}, got '
+                     f'{image_size}.')
 
 
 class Encoder(nn.Module):
   """x [B, C, H, W] -> (mu, logvar); reference `Encoder`."""
 
   def __init__(self, image_channels: int, hdim: int, channels: Sequence[int],
-               image_size: int, reference_layout: bool = True):
+               image_size: int, reference_layout: bool = True, base: int = 4,
+               bn_before_add: bool = False):
     super().__init__()
-    _check_size(channels, image_size)
+    _check_size(channels, image_size, base)
     c = channels[0]
     self.main = nn.Sequential(
         nn.Conv2d(image_channels, c, 5, padding=2, bias=False),
@@ -92,12 +94,14 @@ class Encoder(nn.Module):
       self.main.add_module(
           f'res_in_{size}',
           ResidualBlock(c, c_next, skip_has_conv(c, c_next, True,
-                                                 reference_layout)))
+                                                 reference_layout),
+                        bn_before_add))
       self.main.add_module(f'down_to_{size // 2}', nn.AvgPool2d(2))
       c, size = c_next, size // 2
     # One list entry paired with itself: never a skip convolution.
-    self.main.add_module(f'res_in_{size}', ResidualBlock(c, c, False))
-    self.fc = nn.Linear(c * 4 * 4, 2 * hdim)
+    self.main.add_module(f'res_in_{size}',
+                         ResidualBlock(c, c, False, bn_before_add))
+    self.fc = nn.Linear(c * base * base, 2 * hdim)
 
   def forward(self, x):
     h = self.main(x).reshape(x.shape[0], -1)   # NCHW flatten order
@@ -106,14 +110,19 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-  """z [B, hdim] -> image [B, C, H, W] (linear output); reference `Decoder`."""
+  """z [B, hdim] -> image [B, C, H, W] (linear output); reference `Decoder`.
+
+  `base` is the side of the map the dense layer writes; the blocks are named
+  `res_in_4`, `res_in_8`, ... whatever it is, as Soft-IntroVAE names them."""
 
   def __init__(self, image_channels: int, hdim: int, channels: Sequence[int],
-               image_size: int, reference_layout: bool = True):
+               image_size: int, reference_layout: bool = True, base: int = 4,
+               bn_before_add: bool = False):
     super().__init__()
-    _check_size(channels, image_size)
+    _check_size(channels, image_size, base)
     c = channels[-1]
-    self.fc = nn.Sequential(nn.Linear(hdim, c * 4 * 4), nn.ReLU())
+    self.base = base
+    self.fc = nn.Sequential(nn.Linear(hdim, c * base * base), nn.ReLU())
     self.main = nn.Sequential()
     size = 4
     # Walking the list backwards, the first block pairs the last entry with
@@ -124,16 +133,18 @@ class Decoder(nn.Module):
       self.main.add_module(
           f'res_in_{size}',
           ResidualBlock(c, c_next, skip_has_conv(c, c_next, prev != i,
-                                                 reference_layout)))
+                                                 reference_layout),
+                        bn_before_add))
       self.main.add_module(f'up_to_{size * 2}',
                            nn.Upsample(scale_factor=2, mode='nearest'))
       c, size, prev = c_next, size * 2, i
-    self.main.add_module(f'res_in_{size}', ResidualBlock(c, c, False))
+    self.main.add_module(f'res_in_{size}',
+                         ResidualBlock(c, c, False, bn_before_add))
     self.main.add_module('predict', nn.Conv2d(c, image_channels, 5, padding=2))
 
   def forward(self, z):
     h = self.fc(z.reshape(z.shape[0], -1))
-    return self.main(h.reshape(z.shape[0], -1, 4, 4))
+    return self.main(h.reshape(z.shape[0], -1, self.base, self.base))
 
 
 class IntroVAE(nn.Module):
@@ -141,17 +152,22 @@ class IntroVAE(nn.Module):
   prefixes)."""
 
   def __init__(self, image_channels: int, hdim: int, channels: Sequence[int],
-               image_size: int, reference_layout: bool = True):
+               image_size: int, reference_layout: bool = True, base: int = 4,
+               bn_before_add: bool = False):
     super().__init__()
-    args = (image_channels, hdim, tuple(channels), image_size, reference_layout)
+    args = (image_channels, hdim, tuple(channels), image_size, reference_layout,
+            base, bn_before_add)
     self.encoder = Encoder(*args)
     self.decoder = Decoder(*args)
 
 
 def build_model(config, dtype=torch.float32) -> IntroVAE:
-  """The reference model for this project's config (its model fields)."""
+  """The reference model for this project's config (its model fields; with
+  residual_block='soft_introvae', Soft-IntroVAE's block)."""
   model = IntroVAE(config.image_channels, config.hdim, tuple(config.channels),
-                   config.image_size, config.reference_layout)
+                   config.image_size, config.reference_layout,
+                   config.base_size,
+                   config.residual_block == 'soft_introvae')
   return model.to(dtype).train()
 
 

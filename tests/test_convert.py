@@ -124,7 +124,7 @@ def test_whole_pickled_module_loads_without_the_reference_source(tmp_path,
   for k, v in sd.items():
     assert np.array_equal(loaded[k], v), k
   assert convert.infer_model_fields(loaded) == dict(
-      arch='conv', image_size=16, channels=(512, 512), hdim=4,
+      arch='conv', image_size=16, channels=(512, 512), base_size=4, hdim=4,
       image_channels=3, reference_layout=True)
 
 
@@ -164,8 +164,8 @@ def test_reference_layout_is_read_off_the_checkpoint():
   # Below 257 channels the two layouts coincide: nothing to read.
   sd = numpy_state_dict(random_reference_model(small_config()))
   assert convert.infer_model_fields(sd) == dict(
-      arch='conv', image_size=32, channels=(4, 8, 8), hdim=6, image_channels=3,
-      reference_layout=None)
+      arch='conv', image_size=32, channels=(4, 8, 8), base_size=4, hdim=6,
+      image_channels=3, reference_layout=None)
 
 
 def test_config_that_does_not_fit_the_checkpoint_is_refused():
@@ -520,3 +520,110 @@ def test_float64_config_imports_float64(tmp_path):
   _run_tool(['-m', 'introvae_jax.convert', f'--jax_checkpoint={run}',
              f'--out={out}'])
   _assert_exported_exactly(out, reference)
+
+
+# ----------------------------------------------------------------------------
+# Soft-IntroVAE's files: the same keys, another block, 28 px networks.
+
+# Their MNIST layout (28 px, two widths, 7x7 decoder base), widths scaled down.
+SOFT_28PX = dict(image_size=28, base_size=7, channels=(4, 8), image_channels=1,
+                 residual_block='soft_introvae', reference_layout=False)
+
+
+def test_their_28px_files_round_trip_exactly():
+  model = random_reference_model(small_config(**SOFT_28PX))
+  sd = numpy_state_dict(model)
+  assert convert.infer_model_fields(sd) == dict(
+      arch='conv', image_size=28, channels=(4, 8), base_size=7, hdim=6,
+      image_channels=1, reference_layout=None)
+  back = convert.variables_to_torch_arrays(**convert.torch_to_variables(sd))
+  assert list(back) == list(sd)
+  for k, v in sd.items():
+    if 'num_batches_tracked' not in k:
+      assert np.array_equal(back[k], v), k
+
+
+def _trained(block: str, steps: int = 60):
+  """(state_dict, config) of a 28 px model trained `steps` steps on real
+  digits with its own objective: IntroVAE's block under IntroVAE,
+  Soft-IntroVAE's under Soft-IntroVAE."""
+  import introvae_jax  # pylint: disable=g-import-not-at-top
+  from introvae_jax import offline_datasets  # pylint: disable=g-import-not-at-top
+  config = small_config(**dict(SOFT_28PX, channels=(8, 16), hdim=8,
+                               batch_size=32, residual_block=block,
+                               objective=block, num_vae_steps=15, m_plus=4.0))
+  state = introvae_jax.create_train_state(config, jax.random.PRNGKey(0))
+  train_step = introvae_jax.make_train_step(config)
+  digits = offline_datasets.mnist().astype(np.float32)
+  rs = np.random.RandomState(0)
+  for _ in range(steps):
+    state, _ = train_step(state, digits[rs.randint(0, len(digits), 32)])
+  return convert.variables_to_torch_arrays(
+      state.params_e, state.batch_stats_e, state.params_g,
+      state.batch_stats_g), config
+
+
+@pytest.fixture(scope='module')
+def trained_files():
+  return {block: _trained(block) for block in ('introvae', 'soft_introvae')}
+
+
+def test_import_refuses_a_file_of_the_other_block(trained_files):
+  """Each paper's trained file imports under its own block; under the other
+  it is refused, naming the block it fits. A fresh model (statistics never
+  updated) tells nothing and imports under either."""
+  for block, (sd, config) in trained_files.items():
+    other = 'soft_introvae' if block == 'introvae' else 'introvae'
+    misfit = convert.block_misfit(convert.torch_to_variables(sd), config)
+    assert misfit[block] * convert._MISFIT_RATIO < misfit[other], misfit  # pylint: disable=protected-access
+    state = convert.train_state_from_reference(sd, config)
+    assert np.array_equal(state.params_g['fc']['kernel'],
+                          convert.torch_to_variables(sd)['params_g']['fc'][
+                              'kernel'])
+    wrong = config.copy_and_resolve_references()
+    wrong.residual_block = other
+    with pytest.raises(convert.BadFileError,
+                       match=f"fit the '{block}' residual block"):
+      convert.train_state_from_reference(sd, wrong)
+  _, config = trained_files['introvae']
+  fresh = convert.variables_to_torch_arrays(
+      **{k: getattr(jax_state(config), k) for k in (
+          'params_e', 'batch_stats_e', 'params_g', 'batch_stats_g')})
+  for block in ('introvae', 'soft_introvae'):
+    wrong = config.copy_and_resolve_references()
+    wrong.residual_block = block
+    convert.train_state_from_reference(
+        {k: v for k, v in fresh.items()}, wrong)
+
+
+def test_their_file_through_the_command_line(trained_files, tmp_path):
+  """Their `save_checkpoint` format in, refused under the default block with
+  one line that says what to pass, imported with it, and exported back as
+  `{'epoch', 'model'}` that their `load_model` (`weights['model']`) loads."""
+  sd, config = trained_files['soft_introvae']
+  path = tmp_path / 'model_epoch_5_iter_60.pth'
+  torch.save({'epoch': 5, 'model': {k: torch.from_numpy(np.array(v))
+                                    for k, v in sd.items()}}, str(path))
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [REPO] + [p for p in [os.environ.get('PYTHONPATH')] if p]))
+  run = lambda *args: subprocess.run(
+      [sys.executable, '-m', 'introvae_jax.convert', *args], env=env,
+      cwd=str(tmp_path), capture_output=True, text=True, timeout=300,
+      check=False)
+  proc = run(f'--torch_checkpoint={path}', f'--out={tmp_path / "a"}')
+  assert proc.returncode != 0
+  assert '--residual_block=soft_introvae' in proc.stderr
+  assert not (tmp_path / 'a').exists()
+  proc = run(f'--torch_checkpoint={path}', f'--out={tmp_path / "b"}',
+             '--residual_block=soft_introvae')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'base_size=7' in proc.stdout
+  assert 'residual_block=soft_introvae' in proc.stdout
+  convert.export_reference(str(tmp_path / 'b'), str(tmp_path / 'back.pth'))
+  back = torch.load(str(tmp_path / 'back.pth'), weights_only=True)
+  assert set(back) == {'epoch', 'model'}
+  theirs = tr.build_model(config)
+  theirs.load_state_dict(back['model'], strict=True)
+  for k, v in sd.items():
+    if 'num_batches' not in k:
+      assert np.array_equal(back['model'][k].numpy(), v), k

@@ -165,6 +165,7 @@ def _their_networks(cdim, zdim, channels, image_size):
   model.encoder = nn.Module()
   model.encoder.main = enc
   model.encoder.fc = nn.Linear(cc * sz * sz, 2 * zdim)
+  base = sz  # their decoder's `conv_input_size`: the encoder's last map
   cc, sz = channels[-1], 4
   dec = nn.Sequential()
   for ch in channels[::-1]:
@@ -174,21 +175,27 @@ def _their_networks(cdim, zdim, channels, image_size):
   dec.add_module(f'res_in_{sz}', _their_block(cc, cc))
   dec.add_module('predict', nn.Conv2d(cc, cdim, 5, 1, 2))
   model.decoder = nn.Module()
-  model.decoder.fc = nn.Sequential(nn.Linear(zdim, channels[-1] * 16),
-                                   nn.ReLU())
+  model.decoder.fc = nn.Sequential(
+      nn.Linear(zdim, channels[-1] * base * base), nn.ReLU())
   model.decoder.main = dec
   return model
 
 
-def test_their_image_networks_are_the_soft_introvae_block():
+@pytest.mark.parametrize('channels,size,base', [
+    ((4, 8, 8), 32, 4), ((4, 8), 28, 7)], ids=['32px', '28px_mnist'])
+def test_their_image_networks_are_the_soft_introvae_block(channels, size,
+                                                           base):
   """residual_block='soft_introvae' with reference_layout=False is their
   image encoder and decoder: the same state_dict keys and shapes, the same
-  outputs and running statistics after a train-mode call (float32)."""
+  outputs and running statistics after a train-mode call (float32). At
+  28 px (their MNIST/FMNIST layout, widths scaled down) the decoder starts
+  from their 7x7 map: base_size=7."""
   from introvae_jax import convert, models  # pylint: disable=g-import-not-at-top
   config = parity.small_config(residual_block='soft_introvae',
-                               reference_layout=False, channels=(4, 8, 8))
+                               reference_layout=False, channels=channels,
+                               image_size=size, base_size=base)
   state = parity.jax_state(config)
-  theirs = _their_networks(3, config.hdim, (4, 8, 8), 32).train()
+  theirs = _their_networks(3, config.hdim, channels, size).train()
   theirs.load_state_dict(convert.export_state_dict(state))  # strict: same keys
   x, z, _ = parity.draws(config, 1)[0]
   encoder, decoder = models.build_models(config)
@@ -199,14 +206,16 @@ def test_their_image_networks_are_the_soft_introvae_block():
   with torch.no_grad():
     t = theirs.encoder.main(torch.from_numpy(x.transpose(0, 3, 1, 2)))
     t_mu, t_logvar = theirs.encoder.fc(t.reshape(len(x), -1)).chunk(2, 1)
-    h = theirs.decoder.fc(torch.from_numpy(z)).reshape(len(z), 8, 4, 4)
+    h = theirs.decoder.fc(torch.from_numpy(z)).reshape(
+        len(z), channels[-1], base, base)
     t_out = theirs.decoder.main(h).permute(0, 2, 3, 1)
   for name, a, b in (('mu', mu, t_mu), ('logvar', logvar, t_logvar),
                      ('decoder output', out, t_out)):
     assert parity.rel_err(a, b.numpy()) < 1e-5, name
   # The IntroVAE block on the same weights computes something else.
   other = models.build_models(parity.small_config(
-      reference_layout=False, channels=(4, 8, 8)))[1]
+      reference_layout=False, channels=channels, image_size=size,
+      base_size=base))[1]
   out_introvae, _ = objectives.base.apply(other, state.params_g,
                                           state.batch_stats_g, z)
   assert parity.rel_err(out_introvae, t_out.numpy()) > 1e-2
