@@ -219,3 +219,27 @@ def test_their_image_networks_are_the_soft_introvae_block(channels, size,
   out_introvae, _ = objectives.base.apply(other, state.params_g,
                                           state.batch_stats_g, z)
   assert parity.rel_err(out_introvae, t_out.numpy()) > 1e-2
+
+
+@pytest.mark.parametrize('recipe', ['soft_mnist', 'soft_cifar10',
+                                    'soft_celeb256'])
+def test_their_recipes_build_their_networks(recipe):
+  """Each Soft-IntroVAE recipe builds their network for that data set at full
+  width: its variables, exported, load into their modules with strict key
+  and shape checking, with the same number of parameters."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  from introvae_jax import checkpointing, convert  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module(f'configs.{recipe}').get_config()
+  abstract = checkpointing.abstract_state(config)
+  zeros = {name: jax.tree_util.tree_map(
+      lambda s: np.zeros(s.shape, s.dtype), getattr(abstract, name))
+           for name in ('params_e', 'batch_stats_e', 'params_g',
+                        'batch_stats_g')}
+  state_dict = convert.variables_to_torch_arrays(**zeros)
+  theirs = _their_networks(config.image_channels, config.hdim,
+                           tuple(config.channels), config.image_size)
+  theirs.load_state_dict({k: torch.from_numpy(v)
+                          for k, v in state_dict.items()}, strict=True)
+  ours = sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(
+      (zeros['params_e'], zeros['params_g'])))
+  assert ours == sum(p.numel() for p in theirs.parameters())
