@@ -332,7 +332,8 @@ def figure(cells: List[dict], objectives: Sequence[str], results: epath.Path,
     if warm < mine[0]['step']:
       ax.axvline(warm, color='gray', ls=':', lw=1, label='end of warm-up')
     ax.set_xlabel('step')
-    ax.set_title(f'{objective}: training KL (mean of {len(mine)} seeds)')
+    seeds = f'mean of {len(mine)} seeds' if len(mine) > 1 else 'one seed'
+    ax.set_title(f'{objective}: training KL ({seeds})')
     ax.legend(fontsize=8)
   fig.tight_layout()
   path = results / 'figure.png'
