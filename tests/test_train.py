@@ -188,7 +188,7 @@ def test_every_config_loads_and_builds(path):
   leaves = jax.tree_util.tree_leaves(state.params_e)
   assert leaves and all(leaf.dtype == np.float32 for leaf in leaves)
   if config.arch == 'conv':
-    assert config.image_size == 4 * 2 ** len(config.channels)
+    assert config.image_size == config.base_size * 2 ** len(config.channels)
 
 
 # --------------------------------------------------------------------------
