@@ -463,31 +463,27 @@ def block_misfit(variables: Mapping[str, dict], config,
   dtype = jnp.float32
   z = jax.random.normal(jax.random.PRNGKey(0), (num, config.hdim), dtype)
   base, m = config.base_size, models.BN_MOMENTUM
+  cast = lambda t: jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), t)
+  fc = cast(params['fc'])
+  h0 = jax.nn.relu(z @ fc['kernel'] + fc['bias']).reshape(num, base, base, -1)
   out = {}
   for block_name, before_add in _BLOCKS.items():
-    fc = params['fc']
-    h = jax.nn.relu(z @ jnp.asarray(fc['kernel'], dtype)
-                    + jnp.asarray(fc['bias'], dtype))
-    h = h.reshape(num, base, base, -1)
-    terms = []
+    h, terms = h0, []
     for k in range(min(num_blocks, len(config.channels) + 1)):
       p, s = params[f'block_{k}'], stats[f'block_{k}']
       block = models.ResidualBlock(
           np.shape(p['conv1']['kernel'])[-1], 'conv_expand' in p,
           bn_before_add=before_add)
-      cast = lambda t: jax.tree_util.tree_map(
-          lambda a: jnp.asarray(a, dtype), t)
       h, new = block.apply({'params': cast(p), 'batch_stats': cast(s)}, h,
                            True, mutable=['batch_stats'])
-      for bn in ('bn2',):
-        old_mean = jnp.asarray(s[bn]['mean'], dtype)
-        old_var = jnp.maximum(jnp.asarray(s[bn]['var'], dtype), 1e-8)
-        # Running = (1 - m) * running + m * batch, so batch is recoverable.
-        mean = (new['batch_stats'][bn]['mean'] - (1 - m) * old_mean) / m
-        var = (new['batch_stats'][bn]['var'] - (1 - m) * old_var) / m
-        terms.append(jnp.square(mean - old_mean) / old_var
-                     + jnp.square(jnp.log(jnp.maximum(var, 1e-8) / old_var)))
-      h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
+      old_mean, old_var = cast(s['bn2']['mean']), cast(s['bn2']['var'])
+      # Running = (1 - m) * running + m * batch, so the batch's is recoverable.
+      mean = (new['batch_stats']['bn2']['mean'] - (1 - m) * old_mean) / m
+      var = (new['batch_stats']['bn2']['var'] - (1 - m) * old_var) / m
+      old_var = jnp.maximum(old_var, 1e-8)
+      terms.append(jnp.square(mean - old_mean) / old_var
+                   + jnp.square(jnp.log(jnp.maximum(var, 1e-8) / old_var)))
+      h = models.upsample(h)
     out[block_name] = float(jnp.mean(jnp.concatenate(terms)))
   return out
 

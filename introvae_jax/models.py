@@ -179,6 +179,11 @@ class ResidualBlock(nn.Module):
     return nn.leaky_relu(bn('bn2')(h + skip, not train), 0.2)
 
 
+def upsample(h):
+  """Nearest-neighbour x2 upsampling of [B, H, W, C] (`nn.Upsample`)."""
+  return jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
+
+
 def _block(remat: bool):
   """ResidualBlock, or one that recomputes its activations in the backward
   pass (`nn.remat`: less memory, one more forward; same parameters)."""
@@ -261,7 +266,7 @@ class Decoder(nn.Module):
       skip = _has_skip_conv(chans[prev], chans[i], prev != i,
                             self.reference_layout)
       h = block(chans[i], skip, f'block_{n}')(h, train)
-      h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
+      h = upsample(h)
       prev = i
     h = block(chans[0], False, f'block_{len(chans)}')(h, train)
     out = Conv(self.image_channels, 5, True, self.conv_impl, self.dtype,
