@@ -18,6 +18,7 @@ from etils import epath
 import jax
 import ml_collections
 
+from introvae_jax import models
 from introvae_jax import objectives
 from introvae_jax.errors import ConfigError
 
@@ -314,7 +315,7 @@ CONSTRAINTS = {
     'image_channels': Choice((1, 3)),
     'hdim': _COUNT,
     'reference_layout': Bool(),
-    'residual_block': Choice(('introvae', 'soft_introvae')),
+    'residual_block': Choice(tuple(models.RESIDUAL_BLOCKS)),
     'dtype': Choice(DTYPES),
     'conv_impl': Choice(('xla', 'im2col')),
     'remat': Bool(),

@@ -436,10 +436,8 @@ def config_for_checkpoint(state_dict: Mapping[str, np.ndarray], config=None,
   return config
 
 
-# The two block variants by their config value, and the factor by which the
-# other variant must fit a file's statistics better before an import under
-# the recipe's variant is refused.
-_BLOCKS = {'introvae': False, 'soft_introvae': True}  # bn_before_add
+# The factor by which the other residual block must fit a file's statistics
+# better before an import under the recipe's block is refused.
 _MISFIT_RATIO = 10.0
 
 
@@ -467,7 +465,7 @@ def block_misfit(variables: Mapping[str, dict], config,
   fc = cast(params['fc'])
   h0 = jax.nn.relu(z @ fc['kernel'] + fc['bias']).reshape(num, base, base, -1)
   out = {}
-  for block_name, before_add in _BLOCKS.items():
+  for block_name, before_add in models.RESIDUAL_BLOCKS.items():
     h, terms = h0, []
     for k in range(min(num_blocks, len(config.channels) + 1)):
       p, s = params[f'block_{k}'], stats[f'block_{k}']
@@ -493,7 +491,7 @@ def check_block_variant(variables: Mapping[str, dict], config) -> None:
   `_MISFIT_RATIO` times better than the recipe's `residual_block`."""
   misfit = block_misfit(variables, config)
   want = config.residual_block
-  other = next(b for b in _BLOCKS if b != want)
+  other = next(b for b in models.RESIDUAL_BLOCKS if b != want)
   if misfit[want] > _MISFIT_RATIO * misfit[other]:
     raise BadFileError(
         f'its BatchNorm statistics fit the {other!r} residual block, not the '
@@ -700,7 +698,7 @@ def _define_flags():
                       'state_dict).')
   flags.DEFINE_string('jax_checkpoint', None,
                       'Export: a workdir of this project (its checkpoints/).')
-  flags.DEFINE_enum('residual_block', None, list(_BLOCKS),
+  flags.DEFINE_enum('residual_block', None, list(models.RESIDUAL_BLOCKS),
                     "Import: the block the file's code used ('introvae': "
                     "hhb072/IntroVAE, 'soft_introvae': Soft-IntroVAE's; "
                     'default: the recipe\'s, else introvae). Their keys are '

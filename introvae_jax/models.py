@@ -22,6 +22,10 @@ _CHANNELS_1024 = (16, 32, 64, 128, 256, 512, 512, 512)
 # true for equal widths above this value that come from two list entries.
 _PY_SMALL_INT_MAX = 256
 
+# config.residual_block -> bn_before_add: IntroVAE's block normalises after
+# the skip add, Soft-IntroVAE's before it (ResidualBlock).
+RESIDUAL_BLOCKS = {'introvae': False, 'soft_introvae': True}
+
 # PyTorch's BatchNorm momentum: weight of the new batch in the running stats.
 BN_MOMENTUM = 0.1
 
@@ -329,7 +333,7 @@ def build_models(config, bn_axis_name: Optional[str] = None):
             reference_layout=m.reference_layout, bn_axis_name=bn_axis_name,
             conv_impl=m.conv_impl, dtype=dtype, remat=m.remat,
             precision=precision,
-            bn_before_add=m.residual_block == 'soft_introvae',
+            bn_before_add=RESIDUAL_BLOCKS[m.residual_block],
             base=m.base_size)
   return Encoder(**kw), Decoder(image_channels=m.image_channels, **kw)
 
