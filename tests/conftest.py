@@ -227,10 +227,11 @@ def _run_child(module_file, tag, env):
   with tempfile.TemporaryDirectory() as tmp:
     xml_path = os.path.join(tmp, 'report.xml')
     # -m '': the parent already selected them (its -m may have been the
-    # default one of pyproject.toml, which the child would apply again).
+    # default one of pyproject.toml, which the child would apply again);
+    # -n 0: the child runs them itself, not on workers of its own.
     cmd = [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider',
-           '-m', '', f'--junitxml={xml_path}', '--rootdir', REPO_ROOT
-           ] + _selected[key]
+           '-m', '', '-n', '0', f'--junitxml={xml_path}',
+           '--rootdir', REPO_ROOT] + _selected[key]
     proc = subprocess.run(cmd, env=child_env, cwd=REPO_ROOT, text=True,
                           capture_output=True, timeout=_CHILD_TIMEOUT_S)
     results = {'<output>': (proc.stdout + proc.stderr)[-6000:]}
