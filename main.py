@@ -16,6 +16,7 @@ from ml_collections import config_flags
 from introvae_jax import checkpointing
 from introvae_jax import cli
 from introvae_jax import configuration
+from introvae_jax import stopping
 from introvae_jax import train
 
 FLAGS = flags.FLAGS
@@ -31,7 +32,7 @@ def main(argv):
   checkpointing.quiet_orbax_logs()
   # Before any array is made.
   configuration.enable_x64_for(FLAGS.config.dtype, "--config's dtype")
-  signals = train.StopSignals()
+  signals = stopping.StopSignals()
   try:
     train.train_and_evaluate(FLAGS.config, _WORKDIR.value, signals=signals)
   except KeyboardInterrupt:  # Ctrl-C before the first step: nothing to save.

@@ -13,7 +13,8 @@ The modules, by concern (imports run downwards only):
   the pure `train_step` around the objective, `make_train_step`),
   `parallel` (the device mesh, global arrays, input prefetch), `errors`;
 - the training program: `train` (`main.py`), `checkpointing`, `workdir`,
-  `cache`, `cli`, and the tools `generate`, `compare`, `toy2d`;
+  `stopping` (stop signals), `cache`, `cli`, and the tools `generate`,
+  `compare`, `toy2d`;
 - data: `input_pipeline` (TFDS, image folders, built-in offline sets),
   `offline_datasets`;
 - evaluation: `evaluation` (SWD, FID/KID, reconstruction, the CLI),

@@ -109,7 +109,8 @@ def identity_record(config) -> dict:
 
 
 def save(manager: ocp.CheckpointManager, state: step_lib.TrainState,
-         *, force: bool = False, config=None) -> bool:
+         *, force: bool = False, config=None,
+         extra: Optional[dict] = None) -> bool:
   """Saves a state at its own step; async unless forced.
 
   Every process calls it with the same state. Global arrays (the mesh
@@ -118,7 +119,8 @@ def save(manager: ocp.CheckpointManager, state: step_lib.TrainState,
   host NumPy, which Orbax writes from process 0. With `config`, the run's
   config is recorded in the step's own Orbax metadata (`stored_config`),
   finalised with the step, so a resume can check its identity even when
-  config.json is lost.
+  config.json is lost. `extra` (JSON-able) joins that metadata, read back by
+  `stored_extra`.
   """
   multiprocess = jax.process_count() > 1
   def for_orbax(a):
@@ -127,10 +129,17 @@ def save(manager: ocp.CheckpointManager, state: step_lib.TrainState,
       return a
     return np.asarray(a)
   state = jax.tree_util.tree_map(for_orbax, state)
-  custom = None if config is None else {CONFIG_KEY: identity_record(config)}
+  custom = dict(extra or {})
+  if config is not None:
+    custom[CONFIG_KEY] = identity_record(config)
   return manager.save(parallel.host_int(state.step),
                       args=ocp.args.StandardSave(state), force=force,
-                      custom_metadata=custom)
+                      custom_metadata=custom or None)
+
+
+def stored_extra(manager: ocp.CheckpointManager, step: int, key: str):
+  """The `extra[key]` saved with `step`, or None where it has none."""
+  return (manager.metadata(step).custom_metadata or {}).get(key)
 
 
 def stored_config(manager: ocp.CheckpointManager) -> Optional[tuple]:

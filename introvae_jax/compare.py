@@ -5,8 +5,9 @@ VAE?
         --objectives=vae,introvae --seeds=0,1,2 --workdir=runs/compare
 
 Each (objective, seed) cell is an ordinary training run
-(`train.train_and_evaluate`) in `<workdir>/<objective>_seed<k>`, so it resumes
-and shows progress, then evaluated by `evaluation.evaluate_workdir`. A cell
+(`train.train_and_evaluate`; `toy2d.run` for the 2-D toys) in
+`<workdir>/<objective>_seed<k>`, so it resumes and shows progress, then
+evaluated (`evaluation.evaluate_workdir`, `toy2d.evaluate`). A cell
 is the config with `objective` set: `vae`, `introvae`, `soft_introvae` (the
 registry, `introvae_jax.objectives`), or `betavae`, the `vae` objective with
 the recipe's `weight_rec`/`weight_kl` (the ablation that separates the
@@ -212,11 +213,13 @@ def is_toy(config) -> bool:
   return 'toy' in config
 
 
-def _run_toy(config, run_dir: str, results: epath.Path, name: str):
-  """One 2-D toy cell through `toy2d.run` (30,000 iterations, no
-  checkpoints: an interrupted toy cell starts again); (metrics, KL history)."""
+def _run_toy(config, run_dir: str, results: epath.Path, name: str, signals):
+  """One 2-D toy cell through `toy2d.run` (resuming from its checkpoints);
+  (metrics, KL history), or None when a stop signal ended it."""
   from introvae_jax import toy2d
-  metrics = toy2d.run(config, run_dir, log=logging.info)
+  metrics = toy2d.run(config, run_dir, log=logging.info, signals=signals)
+  if metrics is None:
+    return None
   dataset = config.toy.dataset
   stored = json.loads((epath.Path(run_dir) / f'{dataset}_results.json'
                        ).read_text())
@@ -250,6 +253,7 @@ def run_cell(config, objective: str, seed: int, workdir: str,
   recipes go through the training program, 2-D toy recipes (configs/toy2d.py)
   through `toy2d.run`."""
   from introvae_jax import evaluation
+  from introvae_jax import stopping
   from introvae_jax import train
 
   name = cell_name(objective, seed)
@@ -262,10 +266,13 @@ def run_cell(config, objective: str, seed: int, workdir: str,
     return stored
   run_dir = str(workdir_lib.path(workdir, name))
   logging.info('%s: training in %s', name, run_dir)
+  signals = stopping.StopSignals()
   if is_toy(cell):
-    metrics, history = _run_toy(cell, run_dir, results, name)
+    done = _run_toy(cell, run_dir, results, name, signals)
+    if done is None:
+      return None
+    metrics, history = done
   else:
-    signals = train.StopSignals()
     train.train_and_evaluate(cell, run_dir, signals=signals)
     if signals.stopped is not None:
       return None

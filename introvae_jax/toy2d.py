@@ -29,10 +29,12 @@ Metrics (`evaluate`):
 s is 1 for 8 Gaussians and 2 for the others, as in the reference.
 """
 
+import contextlib
 import functools
 import io
 import json
 import os
+import sys
 import time
 from typing import Callable, Dict, Optional, Tuple
 
@@ -42,11 +44,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from introvae_jax import checkpointing
 from introvae_jax import configuration
 from introvae_jax import errors
 from introvae_jax import losses
 from introvae_jax import models
 from introvae_jax import step as step_lib
+from introvae_jax import stopping
 from introvae_jax import workdir as workdir_lib
 from introvae_jax.configuration import base_config
 
@@ -348,32 +352,92 @@ def check_config(config) -> None:
         f'arch={config.arch!r}, data_dim={config.data_dim}.')
 
 
-def train(config, log: Optional[Callable[[str], None]] = print):
-  """Trains from scratch; returns (state, [(step, chunk-mean metrics)])."""
+# The chunk means so far, saved in each checkpoint's metadata.
+HISTORY_KEY = 'toy2d_history'
+
+
+def train(config, log: Optional[Callable[[str], None]] = print, *,
+          workdir: Optional[str] = None,
+          signals: Optional[stopping.StopSignals] = None):
+  """Trains; returns (state, [(step, chunk-mean metrics)]).
+
+  With `workdir`: an Orbax checkpoint (the state, and the history in its
+  metadata) at the first log boundary at or after each multiple of
+  `checkpoint_every_steps` and at the end; a rerun resumes from the newest
+  one that restores and ends at the numbers of an uninterrupted run. Another
+  run identity or model is refused before anything is written, and one
+  process trains a workdir at a time. SIGTERM or SIGINT ends the run, saved,
+  at the end of the current log chunk; `signals` (a fresh
+  `stopping.StopSignals`) then says which (`signals.stopped`).
+  """
   check_config(config)
+  if workdir is None:
+    return _train(config, log, None, None)
+  workdir_lib.prepare(workdir)
+  with workdir_lib.RunLock(workdir):
+    manager = checkpointing.make_manager(workdir,
+                                         max_to_keep=config.max_to_keep)
+    with checkpointing.disk_full_is_a_user_error(manager):
+      return _train(config, log, manager, signals or stopping.StopSignals())
+
+
+def _resume(manager, config) -> Tuple[Optional[step_lib.TrainState], list]:
+  """(state, history) of the newest checkpoint that restores, or (None, [])."""
+  if manager.latest_step() is None:
+    return None, []
+  record = checkpointing.stored_config(manager)
+  if record is not None:
+    configuration.check_resume(record[1], config,
+                               f'--workdir={manager.directory.parent}')
+  state = checkpointing.restore(manager, config, move_damaged=True)
+  step = int(state.step)
+  history = checkpointing.stored_extra(manager, step, HISTORY_KEY)
+  if history is None:
+    raise errors.WorkdirError(
+        f'The checkpoint of step {step} in {manager.directory} holds no toy2d '
+        'history (another program wrote it); pass another --workdir.')
+  return state, [(s, m) for s, m in history]
+
+
+def _train(config, log, manager, signals):
   rng = jax.random.PRNGKey(config.seed)
-  state = step_lib.create_train_state(config, rng)
+  state, history = (None, []) if manager is None else _resume(manager, config)
+  if state is None:
+    state = step_lib.create_train_state(config, rng)
+  elif log is not None:
+    log(f'Resuming at step {int(state.step)} from {manager.directory}.')
   data_key = jax.random.fold_in(rng, 1)
-  history = []
   every = max(1, config.log_every_steps)
+  save_every = max(1, config.checkpoint_every_steps)
   start_time = time.time()
   frozen = ml_collections.FrozenConfigDict(config)
-  step = 0
-  while step < config.num_train_steps:
-    n = min(every - step % every, config.num_train_steps - step)
-    state, metrics = _chunk_fn(frozen, n)(state, data_key)
-    step += n
-    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    if not np.isfinite(metrics['loss_e'] + metrics['loss_g']):
-      raise FloatingPointError(f'Non-finite loss by step {step}: {metrics}')
-    history.append((step, metrics))
-    if log is not None and (step % every == 0
-                            or step == config.num_train_steps):
-      factor = float(step_lib.learning_rate_factor(config, step - 1))
-      log(f'step {step:6d}  lr x{factor:g}  rec {metrics["loss_rec"]:.4f}  '
-          f'kl_real {metrics["kl_real"]:.3f}  '
-          f'kl_rec {metrics["kl_rec"]:.3f}  kl_fake {metrics["kl_fake"]:.3f}'
-          f'  ({time.time() - start_time:.0f} s)')
+  step = saved = int(state.step)
+  with signals or contextlib.nullcontext():
+    while step < config.num_train_steps and not (signals and signals.requested):
+      n = min(every - step % every, config.num_train_steps - step)
+      state, metrics = _chunk_fn(frozen, n)(state, data_key)
+      step += n
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      if not np.isfinite(metrics['loss_e'] + metrics['loss_g']):
+        raise FloatingPointError(f'Non-finite loss by step {step}: {metrics}')
+      history.append((step, metrics))
+      if log is not None:
+        factor = float(step_lib.learning_rate_factor(config, step - 1))
+        log(f'step {step:6d}  lr x{factor:g}  rec {metrics["loss_rec"]:.4f}  '
+            f'kl_real {metrics["kl_real"]:.3f}  '
+            f'kl_rec {metrics["kl_rec"]:.3f}  '
+            f'kl_fake {metrics["kl_fake"]:.3f}'
+            f'  ({time.time() - start_time:.0f} s)')
+      if manager is not None and (step // save_every > saved // save_every
+                                  or step == config.num_train_steps
+                                  or signals.requested):
+        checkpointing.save(manager, state, config=config,
+                           extra={HISTORY_KEY: history})
+        saved = step
+    if signals is not None and step < config.num_train_steps:
+      signals.stopped = signals.received
+    if manager is not None:
+      manager.wait_until_finished()
   return state, history
 
 
@@ -458,13 +522,23 @@ def format_table(rows) -> str:
   return '\n'.join(lines)
 
 
-def run(config, workdir: str, log=print) -> Dict[str, float]:
-  """Trains, evaluates, writes plots and <dataset>_results.json (metrics,
-  the training KLs, config); returns the metrics."""
+def run(config, workdir: str, log=print,
+        signals: Optional[stopping.StopSignals] = None
+        ) -> Optional[Dict[str, float]]:
+  """Trains (resuming from the workdir's checkpoints), evaluates, writes
+  plots and <dataset>_results.json (metrics, the training KLs, config);
+  returns the metrics, or None when a stop signal ended the training (saved;
+  `signals.stopped` says which)."""
   check_config(config)  # before anything is written
   workdir_lib.prepare(workdir)  # before training, not after it
+  signals = signals or stopping.StopSignals()
   start = time.time()
-  state, history = train(config, log=log)
+  state, history = train(config, log=log, workdir=workdir, signals=signals)
+  if signals.stopped is not None:
+    if log is not None:
+      log(f'Stopped at step {int(state.step)}, saved; rerun the same command '
+          'to resume.')
+    return None
   train_s = time.time() - start
   metrics, arrays = evaluate(state, config, jax.random.PRNGKey(config.seed + 1))
   metrics['train_seconds'] = train_s
@@ -502,7 +576,9 @@ def main(argv):
   if f.seed is not None:
     config.seed = f.seed
   workdir = f.workdir or os.path.join('toy2d_runs', config.toy.dataset)
-  run(config, workdir)
+  signals = stopping.StopSignals()
+  if run(config, workdir, signals=signals) is None:
+    sys.exit(128 + signals.stopped)
 
 
 def _define_flags():
@@ -515,8 +591,9 @@ def _define_flags():
   flags.DEFINE_integer('num_steps', None, 'Iterations (default: the config, '
                        '30,000).', lower_bound=1)
   flags.DEFINE_integer('seed', None, 'Random seed (default: the config).')
-  flags.DEFINE_string('workdir', None, 'Folder for plots and results.json '
-                      '(default: toy2d_runs/<dataset>).')
+  flags.DEFINE_string('workdir', None, 'Folder for checkpoints, plots and '
+                      'results.json (default: toy2d_runs/<dataset>); an '
+                      'existing run resumes.')
   config_flags.DEFINE_config_file('config', None, 'Optional config file, e.g. '
                                   'configs/toy2d.py:rings.', lock_config=True)
 

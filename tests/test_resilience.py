@@ -245,8 +245,8 @@ def test_second_signal_aborts_at_once():
   user pressing Ctrl-C again) kills the process at once."""
   snippet = textwrap.dedent("""
       import os, signal, time
-      from introvae_jax import train
-      with train.StopSignals() as signals:
+      from introvae_jax import stopping
+      with stopping.StopSignals() as signals:
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.5)  # the handler runs between bytecodes
         assert signals.received == signal.SIGINT

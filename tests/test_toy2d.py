@@ -3,6 +3,7 @@
 import functools
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -12,7 +13,9 @@ import pytest
 from scipy import spatial
 from scipy import stats
 
+from introvae_jax import checkpointing
 from introvae_jax import step as step_lib
+from introvae_jax import stopping
 from introvae_jax import toy2d
 from conftest import REPO_ROOT
 
@@ -242,6 +245,62 @@ def test_short_training_reduces_jsd_and_writes_plots(tmp_path):
       assert f.read(8) == b'\x89PNG\r\n\x1a\n'
   table = toy2d.format_table([('rings', after)])
   assert table.count('\n') == 2 and 'gnELBO' in table
+
+
+def _stop_at(step):
+  """A `log` that sends this process SIGTERM when it sees `step`."""
+  def log(line):
+    if line.startswith(f'step {step:6d}'):
+      os.kill(os.getpid(), signal.SIGTERM)
+  return log
+
+
+def test_a_stopped_and_resumed_run_ends_where_an_uninterrupted_one_does(
+    tmp_path):
+  """SIGTERM at step 100 saves and returns; the rerun resumes there, and its
+  state, history and metrics equal those of a run never stopped."""
+  config = _tiny_config(steps=300)
+  config.checkpoint_every_steps = 100
+  whole_state, whole_history = toy2d.train(config, log=None)
+
+  signals = stopping.StopSignals()
+  assert toy2d.run(config, str(tmp_path), log=_stop_at(100),
+                   signals=signals) is None
+  assert signals.stopped == signal.SIGTERM
+  assert checkpointing.make_manager(str(tmp_path), read_only=True
+                                    ).all_steps() == [100]
+  assert not (tmp_path / 'rings_results.json').exists()
+  lines = []
+  state, history = toy2d.train(config, log=lines.append, workdir=str(tmp_path))
+  assert lines[0].startswith('Resuming at step 100')
+  assert history == whole_history
+  for a, b in zip(jax.tree_util.tree_leaves(state),
+                  jax.tree_util.tree_leaves(whole_state)):
+    np.testing.assert_array_equal(a, b)
+
+  # A finished run reruns without training: the last checkpoint holds it all.
+  metrics = toy2d.run(config, str(tmp_path), log=None)
+  expected, _ = toy2d.evaluate(whole_state, config, jax.random.PRNGKey(
+      config.seed + 1))
+  assert {k: metrics[k] for k in expected} == expected
+  stored = json.loads((tmp_path / 'rings_results.json').read_text())
+  assert stored['kl_history'] == toy2d.kl_history(whole_history)
+
+
+def test_a_workdir_of_another_run_is_refused_untouched(tmp_path):
+  from introvae_jax import errors
+  config = _tiny_config(steps=200)
+  config.num_train_steps = 100
+  toy2d.train(config, log=None, workdir=str(tmp_path))
+  before = sorted(str(p) for p in tmp_path.rglob('*'))
+  config.seed = 1
+  with pytest.raises(errors.ConfigError,
+                     match=r'Refusing to resume .* \(seed: 0 -> 1\)'):
+    toy2d.train(config, log=None, workdir=str(tmp_path))
+  config.seed, config.mlp_hidden = 0, (32, 32, 32)
+  with pytest.raises(errors.ConfigError, match='mlp_hidden'):
+    toy2d.train(config, log=None, workdir=str(tmp_path))
+  assert sorted(str(p) for p in tmp_path.rglob('*')) == before
 
 
 def test_train_rejects_image_configs():

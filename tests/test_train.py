@@ -28,6 +28,7 @@ import pytest
 
 from introvae_jax import base_config, checkpointing, create_train_state, train
 from introvae_jax import step as step_lib
+from introvae_jax import stopping
 from introvae_jax.errors import WorkdirError
 
 from train_utils import (REPO, SCALAR_TAGS, complete_steps,
@@ -422,7 +423,7 @@ def test_stop_signal_during_evaluation_saves_within_seconds(tmp_path,
   config = tiny_config(num_train_steps=4, eval_every_steps=2,
                        checkpoint_every_steps=4, log_every_steps=1,
                        image_every_steps=100)
-  signals = train.StopSignals()
+  signals = stopping.StopSignals()
   state = train.train_and_evaluate(config, workdir, signals=signals)
   assert time.monotonic() - started[0] < 10
   assert signals.stopped == signal.SIGTERM
