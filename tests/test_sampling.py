@@ -238,6 +238,7 @@ def test_generate_checks_arguments_and_files_before_loading(tmp_path):
 X64_OFF = in_subprocess('x64_off', {'JAX_ENABLE_X64': '0'})
 
 
+@pytest.mark.slow  # two command lines and a child pytest: about a minute
 @X64_OFF
 def test_tools_compute_a_float64_run_in_float64(tmp_path):
   """The sample and evaluation CLIs on a float64 run, started without
