@@ -352,8 +352,10 @@ def check_config(config) -> None:
         f'arch={config.arch!r}, data_dim={config.data_dim}.')
 
 
-# The chunk means so far, saved in each checkpoint's metadata.
+# Saved in each checkpoint's metadata: the chunk means so far, and the
+# training's wall seconds over every process that trained the run.
 HISTORY_KEY = 'toy2d_history'
+SECONDS_KEY = 'toy2d_train_seconds'
 
 
 def train(config, log: Optional[Callable[[str], None]] = print, *,
@@ -381,10 +383,11 @@ def train(config, log: Optional[Callable[[str], None]] = print, *,
       return _train(config, log, manager, signals or stopping.StopSignals())
 
 
-def _resume(manager, config) -> Tuple[Optional[step_lib.TrainState], list]:
-  """(state, history) of the newest checkpoint that restores, or (None, [])."""
+def _resume(manager, config):
+  """(state, history, seconds) of the newest checkpoint that restores, or
+  (None, [], 0)."""
   if manager.latest_step() is None:
-    return None, []
+    return None, [], 0.0
   record = checkpointing.stored_config(manager)
   if record is not None:
     configuration.check_resume(record[1], config,
@@ -396,12 +399,23 @@ def _resume(manager, config) -> Tuple[Optional[step_lib.TrainState], list]:
     raise errors.WorkdirError(
         f'The checkpoint of step {step} in {manager.directory} holds no toy2d '
         'history (another program wrote it); pass another --workdir.')
-  return state, [(s, m) for s, m in history]
+  seconds = checkpointing.stored_extra(manager, step, SECONDS_KEY) or 0.0
+  return state, [(s, m) for s, m in history], seconds
+
+
+def train_seconds(workdir: str, step: int) -> Optional[float]:
+  """The wall seconds that training a workdir's run to `step` took, over
+  every resume (None for a step without a checkpoint)."""
+  manager = checkpointing.make_manager(workdir, read_only=True)
+  if step not in manager.all_steps():
+    return None
+  return checkpointing.stored_extra(manager, step, SECONDS_KEY)
 
 
 def _train(config, log, manager, signals):
   rng = jax.random.PRNGKey(config.seed)
-  state, history = (None, []) if manager is None else _resume(manager, config)
+  state, history, spent = ((None, [], 0.0) if manager is None
+                           else _resume(manager, config))
   if state is None:
     state = step_lib.create_train_state(config, rng)
   elif log is not None:
@@ -431,8 +445,9 @@ def _train(config, log, manager, signals):
       if manager is not None and (step // save_every > saved // save_every
                                   or step == config.num_train_steps
                                   or signals.requested):
-        checkpointing.save(manager, state, config=config,
-                           extra={HISTORY_KEY: history})
+        checkpointing.save(manager, state, config=config, extra={
+            HISTORY_KEY: history,
+            SECONDS_KEY: spent + time.time() - start_time})
         saved = step
     if signals is not None and step < config.num_train_steps:
       signals.stopped = signals.received
@@ -539,10 +554,13 @@ def run(config, workdir: str, log=print,
       log(f'Stopped at step {int(state.step)}, saved; rerun the same command '
           'to resume.')
     return None
-  train_s = time.time() - start
+  # Over every resume; this process's part where the checkpoint has none.
+  train_s = (train_seconds(workdir, int(state.step))
+             or time.time() - start)
+  eval_start = time.time()
   metrics, arrays = evaluate(state, config, jax.random.PRNGKey(config.seed + 1))
   metrics['train_seconds'] = train_s
-  metrics['eval_seconds'] = time.time() - start - train_s
+  metrics['eval_seconds'] = time.time() - eval_start
   paths = save_plots(arrays, config.toy.dataset, workdir)
   results = dict(metrics, steps=config.num_train_steps,
                  kl_history=kl_history(history),

@@ -285,6 +285,9 @@ def test_a_stopped_and_resumed_run_ends_where_an_uninterrupted_one_does(
   assert {k: metrics[k] for k in expected} == expected
   stored = json.loads((tmp_path / 'rings_results.json').read_text())
   assert stored['kl_history'] == toy2d.kl_history(whole_history)
+  # The training time adds up over the two processes that trained it.
+  first, total = (toy2d.train_seconds(str(tmp_path), s) for s in (100, 200))
+  assert 0 < first < total == stored['train_seconds']
 
 
 def test_a_workdir_of_another_run_is_refused_untouched(tmp_path):
