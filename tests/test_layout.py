@@ -3,7 +3,10 @@ imports it back, directly or through others (function-level imports too)."""
 
 import ast
 import graphlib
+import json
 import os
+import subprocess
+import sys
 
 PACKAGE = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -45,8 +48,19 @@ def package_imports():
   return graph
 
 
+def parsed_apart():
+  """`package_imports()` computed in a fresh interpreter. In CPython 3.11
+  the AST converter's recursion count is shared by the interpreter's
+  threads, so an `ast.parse` beside another thread's (a library's, in a
+  test worker) can raise "SystemError: AST constructor recursion depth
+  mismatch" (python/cpython#106905); it did once in this suite."""
+  out = subprocess.run([sys.executable, __file__], capture_output=True,
+                       text=True, check=True, timeout=120).stdout
+  return {module: set(deps) for module, deps in json.loads(out).items()}
+
+
 def test_module_imports_have_no_cycle():
-  graph = package_imports()
+  graph = parsed_apart()
   assert {'evaluation', 'inception', 'digit_classifier', 'step'} <= set(graph)
   assert 'evaluation' in graph['compare']   # the graph is really read
   assert {'losses', 'models'} <= graph['objectives'] <= {'losses', 'models'}
@@ -55,3 +69,7 @@ def test_module_imports_have_no_cycle():
     graphlib.TopologicalSorter(graph).prepare()
   except graphlib.CycleError as e:
     raise AssertionError(f'import cycle: {" -> ".join(e.args[1])}') from None
+
+
+if __name__ == '__main__':
+  print(json.dumps({m: sorted(d) for m, d in package_imports().items()}))
