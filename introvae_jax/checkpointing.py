@@ -345,3 +345,49 @@ def load_run(workdir: str, step: Optional[int] = None, *, mesh=None):
         'wrote.')
   config = configuration.from_record(found[1], found[0])
   return config, latest_state(workdir, config, step, mesh=mesh)
+
+
+def resume_identity(config, workdir, manager):
+  """Checks the config against the run's recorded identity (before anything
+  is written) and returns (stored config dict or None, changes to record).
+
+  The identity is the config recorded with the newest checkpoint
+  (`save(config=...)`), so a lost or edited config.json
+  changes nothing; workdirs of 0.2.0 (no record) fall back on config.json.
+  A step-0 checkpoint (`introvae_jax.convert`'s import of the authors'
+  weights) has trained nothing yet: any recipe may start from it.
+  """
+  latest_step = manager.latest_step()
+  if latest_step is None:
+    return None, []
+  record = stored_config(manager)
+  path = workdir_lib.path(workdir, CONFIG_NAME)
+  if record is not None:
+    stored = record[1]
+  elif path.exists():
+    stored = configuration.read_json(str(path))
+  else:
+    logging.warning('%s has checkpoints but no record of their config; '
+                    'resuming without checking the run identity.', workdir)
+    return None, []
+  if latest_step == 0:
+    return stored, configuration.identity_changes(stored, config)
+  return stored, configuration.check_resume(stored, config,
+                                            f'--workdir={workdir}')
+
+
+def write_config(config, workdir, start: int, stored, changes) -> None:
+  """Writes config.json; after an allowed identity change the previous
+  config (`stored`) is kept as config.<step>.json."""
+  if changes:
+    kept = workdir_lib.path(workdir, f'config.{start}.json')
+    n = 1
+    while kept.exists():
+      kept, n = workdir_lib.path(workdir, f'config.{start}.{n}.json'), n + 1
+    workdir_lib.write_text(kept, json.dumps(stored, indent=2))
+    for name, old, new in changes:
+      logging.warning('Resuming at step %d with %s changed from %r to %r; '
+                      'the previous config is kept as %s.', start, name, old,
+                      new, kept.name)
+  workdir_lib.write_text(workdir_lib.path(workdir, CONFIG_NAME),
+                         config.to_json_best_effort(indent=2))

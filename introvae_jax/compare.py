@@ -399,6 +399,8 @@ def compare(config, objectives: Sequence[str], seeds: Sequence[int],
 def main(argv):
   del argv
   from absl import flags
+  from introvae_jax import checkpointing
+  checkpointing.quiet_orbax_logs()
   f = flags.FLAGS
   objectives = [o.strip() for o in f.objectives.split(',') if o.strip()]
   try:

@@ -374,25 +374,22 @@ def train(config, log: Optional[Callable[[str], None]] = print, *,
   """
   check_config(config)
   if workdir is None:
-    return _train(config, log, None, None)
+    return _train(config, log, None, None, None)
   workdir_lib.prepare(workdir)
   with workdir_lib.RunLock(workdir):
     manager = checkpointing.make_manager(workdir,
                                          max_to_keep=config.max_to_keep)
     with checkpointing.disk_full_is_a_user_error(manager):
-      return _train(config, log, manager, signals or stopping.StopSignals())
+      return _train(config, log, manager, signals or stopping.StopSignals(),
+                    workdir)
 
 
 def _resume(manager, config):
   """(state, history, seconds) of the newest checkpoint that restores, or
   (None, [], 0)."""
-  if manager.latest_step() is None:
-    return None, [], 0.0
-  record = checkpointing.stored_config(manager)
-  if record is not None:
-    configuration.check_resume(record[1], config,
-                               f'--workdir={manager.directory.parent}')
   state = checkpointing.restore(manager, config, move_damaged=True)
+  if state is None:
+    return None, [], 0.0
   step = int(state.step)
   history = checkpointing.stored_extra(manager, step, HISTORY_KEY)
   if history is None:
@@ -412,10 +409,16 @@ def train_seconds(workdir: str, step: int) -> Optional[float]:
   return checkpointing.stored_extra(manager, step, SECONDS_KEY)
 
 
-def _train(config, log, manager, signals):
+def _train(config, log, manager, signals, workdir):
   rng = jax.random.PRNGKey(config.seed)
-  state, history, spent = ((None, [], 0.0) if manager is None
-                           else _resume(manager, config))
+  state, history, spent, changes = None, [], 0.0, []
+  if manager is not None:
+    checkpointing.check_model(manager, config)  # another model: say so first
+    stored, changes = checkpointing.resume_identity(config, workdir, manager)
+    state, history, spent = _resume(manager, config)
+    start = 0 if state is None else int(state.step)
+    if not changes:  # a change is recorded once a checkpoint holds it
+      checkpointing.write_config(config, workdir, start, stored, changes)
   if state is None:
     state = step_lib.create_train_state(config, rng)
   elif log is not None:
@@ -449,6 +452,10 @@ def _train(config, log, manager, signals):
             HISTORY_KEY: history,
             SECONDS_KEY: spent + time.time() - start_time})
         saved = step
+        if changes:
+          manager.wait_until_finished()  # the new identity is on disk
+          checkpointing.write_config(config, workdir, start, stored, changes)
+          changes = []
     if signals is not None and step < config.num_train_steps:
       signals.stopped = signals.received
     if manager is not None:
@@ -578,6 +585,7 @@ def run(config, workdir: str, log=print,
 def main(argv):
   from absl import flags
   del argv
+  checkpointing.quiet_orbax_logs()
   f = flags.FLAGS
   if f.config is not None:
     config = f.config

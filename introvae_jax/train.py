@@ -19,7 +19,6 @@ the global arrays once).
 """
 
 import contextlib
-import json
 import os
 import signal
 import sys
@@ -117,52 +116,6 @@ def _count_skips(history: List[Tuple[int, Dict]], run: List[int], limit: int,
           f'non-finite ({_nonfinite(metrics)}) and skipped. Training stopped; '
           f'{_kept(last_good)}. {advice}, or raise '
           '--config.max_consecutive_skips.')
-
-
-def _resume_identity(config, workdir, manager):
-  """Checks the config against the run's recorded identity (before anything
-  is written) and returns (stored config dict or None, changes to record).
-
-  The identity is the config recorded with the newest checkpoint
-  (`checkpointing.save(config=...)`), so a lost or edited config.json
-  changes nothing; workdirs of 0.2.0 (no record) fall back on config.json.
-  A step-0 checkpoint (`introvae_jax.convert`'s import of the authors'
-  weights) has trained nothing yet: any recipe may start from it.
-  """
-  latest_step = manager.latest_step()
-  if latest_step is None:
-    return None, []
-  record = checkpointing.stored_config(manager)
-  path = workdir_lib.path(workdir, checkpointing.CONFIG_NAME)
-  if record is not None:
-    stored = record[1]
-  elif path.exists():
-    stored = configuration.read_json(str(path))
-  else:
-    logging.warning('%s has checkpoints but no record of their config; '
-                    'resuming without checking the run identity.', workdir)
-    return None, []
-  if latest_step == 0:
-    return stored, configuration.identity_changes(stored, config)
-  return stored, configuration.check_resume(stored, config,
-                                            f'--workdir={workdir}')
-
-
-def _write_config(config, workdir, start: int, stored, changes) -> None:
-  """Writes config.json; after an allowed identity change the previous
-  config (`stored`) is kept as config.<step>.json."""
-  if changes:
-    kept = workdir_lib.path(workdir, f'config.{start}.json')
-    n = 1
-    while kept.exists():
-      kept, n = workdir_lib.path(workdir, f'config.{start}.{n}.json'), n + 1
-    workdir_lib.write_text(kept, json.dumps(stored, indent=2))
-    for name, old, new in changes:
-      logging.warning('Resuming at step %d with %s changed from %r to %r; '
-                      'the previous config is kept as %s.', start, name, old,
-                      new, kept.name)
-  workdir_lib.write_text(workdir_lib.path(workdir, checkpointing.CONFIG_NAME),
-                         config.to_json_best_effort(indent=2))
 
 
 def _drop_orphaned_events(workdir, start: int) -> set:
@@ -310,7 +263,7 @@ def _train(config, workdir: str, manager,
            signals: stopping.StopSignals) -> step_lib.TrainState:
   is_host0 = jax.process_index() == 0
   checkpointing.check_model(manager, config)  # another model: say so first
-  stored, changes = _resume_identity(config, workdir, manager)
+  stored, changes = checkpointing.resume_identity(config, workdir, manager)
   if config.eval_every_steps:
     _check_weight_files(config)
   mesh = parallel.make_mesh()
@@ -334,7 +287,7 @@ def _train(config, workdir: str, manager,
     # An identity change becomes the run's record only once a checkpoint is
     # saved under it (after the first save below).
     if not changes:
-      _write_config(config, workdir, start, stored, changes)
+      checkpointing.write_config(config, workdir, start, stored, changes)
     if start:
       logged_at_start = _drop_orphaned_events(workdir, start)
   writer = metric_writers.create_default_writer(
@@ -419,7 +372,8 @@ def _train(config, workdir: str, manager,
           if changes:  # every process: the wait may synchronise them
             manager.wait_until_finished()  # the new identity is on disk
             if is_host0:
-              _write_config(config, workdir, start, stored, changes)
+              checkpointing.write_config(config, workdir, start, stored,
+                                         changes)
             changes = []
         if stop:
           signals.stopped = signals.received or signal.SIGTERM

@@ -295,13 +295,14 @@ def test_a_workdir_of_another_run_is_refused_untouched(tmp_path):
   config = _tiny_config(steps=200)
   config.num_train_steps = 100
   toy2d.train(config, log=None, workdir=str(tmp_path))
+  assert json.loads((tmp_path / 'config.json').read_text())['seed'] == 0
   before = sorted(str(p) for p in tmp_path.rglob('*'))
   config.seed = 1
   with pytest.raises(errors.ConfigError,
                      match=r'Refusing to resume .* \(seed: 0 -> 1\)'):
     toy2d.train(config, log=None, workdir=str(tmp_path))
   config.seed, config.mlp_hidden = 0, (32, 32, 32)
-  with pytest.raises(errors.ConfigError, match='mlp_hidden'):
+  with pytest.raises(errors.UserError, match='different model'):
     toy2d.train(config, log=None, workdir=str(tmp_path))
   assert sorted(str(p) for p in tmp_path.rglob('*')) == before
 
