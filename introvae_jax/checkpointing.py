@@ -352,8 +352,8 @@ def resume_identity(config, workdir, manager):
   is written) and returns (stored config dict or None, changes to record).
 
   The identity is the config recorded with the newest checkpoint
-  (`save(config=...)`), so a lost or edited config.json
-  changes nothing; workdirs of 0.2.0 (no record) fall back on config.json.
+  (`save(config=...)`), so a lost or edited config.json changes nothing;
+  workdirs of 0.2.0 (no record) fall back on config.json.
   A step-0 checkpoint (`introvae_jax.convert`'s import of the authors'
   weights) has trained nothing yet: any recipe may start from it.
   """
