@@ -275,6 +275,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_image_samples = 64
   c.on_nonfinite = 'stop'       # 'stop' (keep last good checkpoint) or 'skip'.
   c.max_consecutive_skips = 10  # 'skip': stop after this many skips in a row.
+  # The most steps dispatched to the devices and not yet complete: 2 runs step
+  # t while the host waits for step t-1, and bounds how long a stop signal
+  # waits (README: Stopping); 1 runs each step synchronously.
+  c.max_steps_in_flight = 2
 
   # Evaluation during training (introvae_jax.evaluation), written to
   # TensorBoard.
@@ -366,6 +370,7 @@ CONSTRAINTS = {
     'num_image_samples': _COUNT,
     'on_nonfinite': Choice(('stop', 'skip')),
     'max_consecutive_skips': _COUNT,
+    'max_steps_in_flight': _COUNT,
     'eval_every_steps': Int(low=1, special=((0, 'turn evaluation off'),)),
     'eval_num_images': Int(low=1, high=MAX_EVAL_IMAGES),
     'fid_weights': _PATH,
@@ -393,7 +398,8 @@ def field_problem(name: str, value) -> Optional[str]:
 FREE_ON_RESUME = frozenset({
     'num_train_steps', 'log_every_steps', 'image_every_steps',
     'checkpoint_every_steps', 'max_to_keep', 'num_image_samples',
-    'on_nonfinite', 'max_consecutive_skips', 'on_corrupt_image',
+    'on_nonfinite', 'max_consecutive_skips', 'max_steps_in_flight',
+    'on_corrupt_image',
     'eval_every_steps', 'eval_num_images',
     'fid_weights', 'digit_classifier', 'conv_impl', 'remat', 'precision',
     'distributed', 'coordinator_address', 'num_processes', 'process_id',

@@ -5,6 +5,11 @@
 image grids (TensorBoard and `<workdir>/images/*.png`) and Orbax checkpoints
 under `<workdir>/checkpoints/`. SIGTERM (preemption) saves and returns.
 
+Steps are dispatched asynchronously, but never more than
+`config.max_steps_in_flight` ahead of the computation (`StepsInFlight`): the
+host waits for step t-1 while step t runs, so a stop signal, a flush and the
+progress report all see the device at most that many steps behind.
+
 The engine is the mesh of `parallel`: the state lives as global arrays
 replicated on a mesh of every device, each global batch is sharded over it
 and placed on the devices while the step before it runs, and the step is
@@ -18,6 +23,7 @@ evaluations, and every process takes part in each checkpoint (Orbax writes
 the global arrays once).
 """
 
+import collections
 import contextlib
 import os
 import signal
@@ -197,7 +203,8 @@ def train_and_evaluate(config, workdir: str, *,
   Nothing in the workdir is written before the run is known to match it (a
   checkpoint of the same model, the same identity fields as its config.json).
   One training process per workdir (`workdir.RunLock`). SIGTERM or SIGINT
-  saves the current step and returns early; `signals` (a fresh
+  saves the current step and returns early (one arriving before the first
+  step returns at once, with nothing new to save); `signals` (a fresh
   `StopSignals`) then says which (`signals.stopped`).
   """
   validate(config)
@@ -206,12 +213,12 @@ def train_and_evaluate(config, workdir: str, *,
   workdir_lib.prepare(workdir, jax.process_index())
   lock = (workdir_lib.RunLock(workdir) if jax.process_index() == 0
           else contextlib.nullcontext())
-  with lock:
+  signals = signals or stopping.StopSignals()
+  with lock, signals:  # from here a stop signal is a flag the run checks
     manager = checkpointing.make_manager(workdir,
                                          max_to_keep=config.max_to_keep)
     with checkpointing.disk_full_is_a_user_error(manager):
-      return _train(config, workdir, manager,
-                    signals or stopping.StopSignals())
+      return _train(config, workdir, manager, signals)
 
 
 def _check_weight_files(config) -> None:
@@ -259,6 +266,51 @@ def _mfu(config, per_device: int):
   return lambda seconds: hardware.mfu(config, per_device, seconds, key)
 
 
+def _stopped_before_training(signals, state, start: int, config):
+  """A stop signal arrived before step `start` + 1: no step has run, so
+  there is nothing new to save (the checkpoint of `start`, if any, stands)."""
+  signals.stopped = signals.received
+  logging.warning('Stopped before training at step %d of %d (%s); nothing new '
+                  'to save. Rerun the same command to %s.', start,
+                  config.num_train_steps,
+                  f'checkpoint {start} stands' if start else 'no step had run',
+                  'resume' if start else 'start')
+  return state
+
+
+class StepsInFlight:
+  """The steps dispatched to the devices and not yet seen complete.
+
+  `dispatched(step, outputs)` records a step's outputs, then waits (oldest
+  first) until fewer than `limit` steps are in flight, calling
+  `on_complete(step)` for each step it sees finish; `wait_all()` waits for
+  every one. With limit 2 the host waits for step t-1 while step t runs:
+  the device always has work queued, and the host is never more than two
+  steps ahead of it.
+  """
+
+  def __init__(self, limit: int, on_complete):
+    self.limit = limit
+    self._on_complete = on_complete
+    self._steps = collections.deque()
+
+  def __len__(self):
+    return len(self._steps)
+
+  def dispatched(self, step: int, outputs) -> None:
+    self._steps.append((step, outputs))
+    self._wait(self.limit - 1)
+
+  def wait_all(self) -> None:
+    self._wait(0)
+
+  def _wait(self, keep: int) -> None:
+    while len(self._steps) > keep:
+      step, outputs = self._steps.popleft()
+      jax.block_until_ready(outputs)
+      self._on_complete(step)
+
+
 def _train(config, workdir: str, manager,
            signals: stopping.StopSignals) -> step_lib.TrainState:
   is_host0 = jax.process_index() == 0
@@ -296,10 +348,15 @@ def _train(config, workdir: str, manager,
   reals = input_pipeline.eval_images(config, config.num_image_samples)
   z_fixed = jax.random.normal(jax.random.PRNGKey(config.seed + 1),
                               (config.num_image_samples, config.hdim))
-  # Images and evaluation are local work for host 0's writer only.
-  evaluate = (_make_evaluator(config)
+  # Images and evaluation are local work for host 0's writer only. A stop
+  # signal during this setup abandons it; the run then stops before step 1.
+  evaluate = (signals.call_interruptible(_make_evaluator, config)
               if config.eval_every_steps and is_host0 else None)
+  if signals.requested:
+    return _stopped_before_training(signals, state, start, config)
   train_step = compile_step(config, mesh, state)
+  if signals.requested:
+    return _stopped_before_training(signals, state, start, config)
   mfu = _mfu(config, config.batch_size // mesh.size)
   clock = [time.time(), start]  # [time, step] at the last flush
   batches = parallel.prefetch_to_mesh((b['image'] for b in data), mesh)
@@ -309,11 +366,18 @@ def _train(config, workdir: str, manager,
       every_steps=config.log_every_steps, every_secs=None)
   bar = tqdm.tqdm(total=config.num_train_steps, initial=start, unit='step',
                   disable=not (is_host0 and sys.stderr.isatty()))
+
+  def completed(step):  # steps/s, the ETA and the bar count finished steps
+    progress(step)
+    bar.update(1)
+
+  in_flight = StepsInFlight(config.max_steps_in_flight, completed)
   history: List[Tuple[int, Dict]] = []
   objective = objectives.get(config.objective)
   skips = [0, 0]  # the current run of skipped steps: [first step, length]
 
   def flush(step):
+    in_flight.wait_all()
     host = [(s, {k: float(v) for k, v in
                  jax.device_get(parallel.local_copy(m)).items()})
             for s, m in history]
@@ -344,46 +408,50 @@ def _train(config, workdir: str, manager,
       writer.write_scalars(step, results)
 
   try:
-    with signals:
-      if (evaluate and start and start % config.eval_every_steps == 0 and
-          not any(t.startswith('eval/') for t in logged_at_start)):
-        evaluate_and_write(start, signals)  # a stop signal abandoned it
-      for step in range(start + 1, config.num_train_steps + 1):
-        state, metrics = train_step(state, next(batches))
-        history.append((step, metrics))
-        progress(step)
-        bar.update(1)
-        last = step == config.num_train_steps
-        if step % config.log_every_steps == 0 or last or signals.requested:
-          flush(step)
-        if is_host0 and (step % config.image_every_steps == 0 or last):
-          _write_images(writer, workdir, step, parallel.local_copy(state),
-                        reals, z_fixed, config)
-          clock[:] = time.time(), step  # MFU times training steps only
-        if evaluate and (step % config.eval_every_steps == 0 or last):
-          evaluate_and_write(step, signals)
-          clock[:] = time.time(), step
-        stop = signals.requested or manager.reached_preemption(step)
-        if step % config.checkpoint_every_steps == 0 or last or stop:
-          flush(step)  # Never save a state that is not finite.
-          checkpointing.save(manager, state, force=True, config=config)
-          last_good = step
-          clock[:] = time.time(), step
-          if changes:  # every process: the wait may synchronise them
-            manager.wait_until_finished()  # the new identity is on disk
-            if is_host0:
-              checkpointing.write_config(config, workdir, start, stored,
-                                         changes)
-            changes = []
-        if stop:
-          signals.stopped = signals.received or signal.SIGTERM
-          logging.warning(
-              'Stopped at step %d of %d (checkpoint saved); rerun the same '
-              'command to resume.', step, config.num_train_steps)
-          break
+    if (evaluate and start and start % config.eval_every_steps == 0 and
+        not any(t.startswith('eval/') for t in logged_at_start)):
+      evaluate_and_write(start, signals)  # a stop signal abandoned it
+    for step in range(start + 1, config.num_train_steps + 1):
+      state, metrics = train_step(state, next(batches))
+      history.append((step, metrics))
+      # Waits for step - 1 while this step runs (max_steps_in_flight 2), so
+      # a stop signal is seen, and its step saved, within a few steps' time.
+      in_flight.dispatched(step, metrics)
+      last = step == config.num_train_steps
+      if step % config.log_every_steps == 0 or last or signals.requested:
+        flush(step)
+      if is_host0 and (step % config.image_every_steps == 0 or last):
+        _write_images(writer, workdir, step, parallel.local_copy(state),
+                      reals, z_fixed, config)
+        clock[:] = time.time(), step  # MFU times training steps only
+      if evaluate and (step % config.eval_every_steps == 0 or last):
+        evaluate_and_write(step, signals)
+        clock[:] = time.time(), step
+      stop = signals.requested or manager.reached_preemption(step)
+      if step % config.checkpoint_every_steps == 0 or last or stop:
+        flush(step)  # Never save a state that is not finite.
+        checkpointing.save(manager, state, force=True, config=config)
+        last_good = step
+        clock[:] = time.time(), step
+        if changes:  # every process: the wait may synchronise them
+          manager.wait_until_finished()  # the new identity is on disk
+          if is_host0:
+            checkpointing.write_config(config, workdir, start, stored,
+                                       changes)
+          changes = []
+      if stop:
+        signals.stopped = signals.received or signal.SIGTERM
+        logging.warning(
+            'Stopped at step %d of %d (checkpoint saved); rerun the same '
+            'command to resume.', step, config.num_train_steps)
+        break
   finally:
     bar.close()
     writer.flush()
     manager.wait_until_finished()
+    # Now, in this order: left to the garbage collector, the prefetched
+    # batches and the input threads took up to 25 s to go on a loaded host.
+    batches.close()
+    data.close()
   return state
 
