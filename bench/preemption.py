@@ -15,10 +15,12 @@ ahead of the computation), in one invocation:
    signal -> checkpoint saved (the "Stopped" line) and signal -> exit, the
    exit status, and whether the saved checkpoint restores and is finite.
    The worst signal -> exit is set against max(10 s, 3 steps' time), a step's
-   time measured from completed steps in that trial.
+   time measured from completed steps in that trial. Then Ctrl-C (SIGINT,
+   exit 130) and a second SIGTERM (which aborts at once, status -15).
 
   python bench/preemption.py                  # configs/default.py
-  python bench/preemption.py --delays=1 --max_steps_in_flight=2 --speed_steps=0
+  python bench/preemption.py --delays=1 --more= --max_steps_in_flight=2 \
+      --speed_steps=0
 
 Evaluation is off (`eval_every_steps=0`; a stop during an evaluation abandons
 it, tests/test_train.py). Runs share the user's compilation cache, so only
@@ -51,6 +53,10 @@ _IN_FLIGHT = flags.DEFINE_list('max_steps_in_flight', ['2', '1000'],
 _DELAYS = flags.DEFINE_list('delays', ['0', '1', '4', '15'],
                             'Seconds after the first metrics line to send '
                             'SIGTERM, one trial each.')
+_MORE = flags.DEFINE_list('more', ['INT', 'TERM+TERM'], 'Further trials, 1 s '
+                          'after the first metrics line: INT (Ctrl-C, exit '
+                          '130), TERM+TERM (a second SIGTERM 0.5 s after the '
+                          'first: aborts at once).')
 _LOAD = flags.DEFINE_integer('load_per_core', 1, 'Busy processes per core '
                              'beside each preemption trial.')
 _SPEED_STEPS = flags.DEFINE_integer('speed_steps', 300, 'Steps per speed run '
@@ -125,8 +131,9 @@ def speed(root, in_flight, log_every):
   return (_SPEED_STEPS.value - log_every) / (last - first)
 
 
-def trial(root, in_flight, delay):
-  """One SIGTERM under load; a dict of what happened."""
+def trial(root, in_flight, delay, signals):
+  """`signals` ('TERM', 'INT' or 'TERM+TERM': a second SIGTERM 0.5 s after
+  the first, which aborts) under load; a dict of what happened."""
   workdir = os.path.join(root, f'stop-{in_flight}-{delay}-{time.time_ns()}')
   busy = [subprocess.Popen([sys.executable, '-c', 'while True: pass'])
           for _ in range(_LOAD.value * os.cpu_count())]
@@ -135,20 +142,34 @@ def trial(root, in_flight, delay):
     first, match = run.wait_for(METRICS)
     time.sleep(max(0.0, first + delay - time.time()))
     sent = time.time()
-    run.proc.send_signal(signal.SIGTERM)
-    saved, stopped = run.wait_for(STOPPED)
+    for number, name in enumerate(signals.split('+')):
+      time.sleep(0.5 * bool(number))
+      run.proc.send_signal(getattr(signal, 'SIG' + name))
+    saved = None
+    if '+' not in signals:
+      saved, _ = run.wait_for(STOPPED)
     rc, ended = run.finish()
   finally:
     for p in busy:
       p.kill()
-  step, finite = _finite_checkpoint(workdir)
-  return dict(at=int(match.group(1)), stopped=int(stopped.group(1)),
-              step=step, finite=finite, rc=rc, saved=saved - sent,
+  stopped = [int(m.group(1)) for _, l in run.lines if (m := STOPPED.search(l))]
+  try:
+    step, finite = _finite_checkpoint(workdir)
+  except Exception:  # pylint: disable=broad-except  (aborted: none saved)
+    step, finite = None, None
+  return dict(at=int(match.group(1)), stopped=stopped[0] if stopped else None,
+              step=step, finite=finite, rc=rc,
+              saved=None if saved is None else saved - sent,
               exit=ended - sent, step_s=_seconds_per_step(run))
+
+
+def _cell(value, width, form='d'):
+  return f'{"-" if value is None else format(value, form):>{width}}'
 
 
 def main(argv):
   del argv
+  checkpointing.quiet_orbax_logs()
   root = tempfile.mkdtemp(prefix='preemption-')
   print(f'{os.cpu_count()} cores; {_CONFIG.value}; workdirs under {root}')
   spec = importlib.util.spec_from_file_location(
@@ -169,18 +190,21 @@ def main(argv):
             '  '.join(f'{r:.3f}' for r in rates[v]) +
             f'   mean {np.mean(rates[v]):.3f}')
   print(f'\nSIGTERM, {_LOAD.value} busy process(es) per core:')
-  print('  in flight  delay  first-line  stopped  ckpt  finite  rc  '
-        'saved_s  exit_s  step_s  bound_s')
+  print('  in flight  signal     delay  first-line  stopped  ckpt  finite  '
+        'rc  saved_s  exit_s  step_s  bound_s')
+  cases = [('TERM', float(d)) for d in _DELAYS.value] + [
+      (name, 1.0) for name in _MORE.value]
   for v in values:
     worst = 0.0
-    for delay in (float(d) for d in _DELAYS.value):
-      r = trial(root, v, delay)
+    for name, delay in cases:
+      r = trial(root, v, delay, name)
       bound = max(10.0, 3 * (r['step_s'] or 0.0))
       worst = max(worst, r['exit'] / bound)
-      print(f"  {v:9d}  {delay:5.1f}  {r['at']:10d}  {r['stopped']:7d}  "
-            f"{r['step']:4d}  {str(r['finite']):6s}  {r['rc']:2d}  "
-            f"{r['saved']:7.1f}  {r['exit']:6.1f}  "
-            f"{r['step_s'] or float('nan'):6.2f}  {bound:7.1f}", flush=True)
+      print(f"  {v:9d}  {name:9s}  {delay:5.1f}  {r['at']:10d}  "
+            f"{_cell(r['stopped'], 7)}  {_cell(r['step'], 4)}  "
+            f"{_cell(r['finite'], 6, '')}  {r['rc']:2d}  "
+            f"{_cell(r['saved'], 7, '.1f')}  {r['exit']:6.1f}  "
+            f"{_cell(r['step_s'], 6, '.2f')}  {bound:7.1f}", flush=True)
     print(f'  max_steps_in_flight={v}: worst signal -> exit is '
           f'{worst:.2f}x max(10 s, 3 steps)')
   for path in glob.glob(os.path.join(root, '*')):

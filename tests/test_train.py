@@ -441,7 +441,8 @@ def _stop_with_a_backlog(workdir, monkeypatch, in_flight, signal_at=12):
   """Trains the tiny digits model at batch 64 (a step takes many times the
   host's dispatch time), sends this process SIGTERM right after step
   `signal_at` is dispatched, and returns (steps not yet complete at the
-  signal, the stopped run's signals, its state)."""
+  signal, for each step counted by the progress report whether it had
+  finished, the stopped run's signals, its state)."""
   dispatched, at_signal = [], []
   compile_step = train.compile_step
 
@@ -456,14 +457,21 @@ def _stop_with_a_backlog(workdir, monkeypatch, in_flight, signal_at=12):
       return state, metrics
     return run
 
+  class Progress(train.periodic_actions.ReportProgress):
+    def __call__(self, step, t=None):  # was this step complete when counted?
+      reported.append(dispatched[step - 1].is_ready())
+      return super().__call__(step, t)
+
+  reported = []
   monkeypatch.setattr(train, 'compile_step', counted)
+  monkeypatch.setattr(train.periodic_actions, 'ReportProgress', Progress)
   config = tiny_config(batch_size=64,
                        num_train_steps=1000, log_every_steps=1000,
                        image_every_steps=1000, checkpoint_every_steps=1000,
                        max_steps_in_flight=in_flight)
   signals = stopping.StopSignals()
   state = train.train_and_evaluate(config, workdir, signals=signals)
-  return at_signal[0], signals, state
+  return at_signal[0], reported, signals, state
 
 
 def test_sigterm_waits_for_at_most_max_steps_in_flight_steps(tmp_path,
@@ -474,15 +482,19 @@ def test_sigterm_waits_for_at_most_max_steps_in_flight_steps(tmp_path,
   Cloud TPU and spot VMs give 30 s). The loop before the bound (any
   `max_steps_in_flight` >= log_every_steps) is run first, to show that this
   test's signal meets a backlog; at the default 2, at most 2 steps are still
-  to run when the signal arrives, and the saved step is the signal's."""
-  unbounded, _, _ = _stop_with_a_backlog(str(tmp_path / 'before'),
-                                         monkeypatch, in_flight=1000)
+  to run when the signal arrives, the saved step is the signal's, and the
+  progress report (steps/s, ETA) has counted only steps that had finished."""
+  unbounded, _, _, _ = _stop_with_a_backlog(str(tmp_path / 'before'),
+                                            monkeypatch, in_flight=1000)
   assert unbounded > 5, f'no backlog to test: {unbounded} steps in flight'
 
   workdir = str(tmp_path / 'run')
-  pending, signals, state = _stop_with_a_backlog(workdir, monkeypatch,
-                                                 in_flight=2)
+  pending, reported, signals, state = _stop_with_a_backlog(
+      workdir, monkeypatch, in_flight=2)
   assert pending <= 2, f'{pending} steps in flight at the signal'
+  # steps/s and the ETA count finished steps (the loop before counted each
+  # step as it was dispatched).
+  assert reported == [True] * 12
   assert signals.stopped == signal.SIGTERM
   assert int(state.step) == 12 and complete_steps(workdir) == [12]
   saved = checkpointing.latest_state(workdir, tiny_config(
