@@ -19,7 +19,7 @@ backward). Batches: 64 px x 16, 128 px x 8, 256 px x 4 (override with
 `--batch`). Synthetic images and fresh random draws each iteration; no input
 pipeline is timed.
 
-The PyTorch side is `introvae_jax.torch_reference.introspective_iteration`:
+The PyTorch side is `tests/torch_reference.py`'s `introspective_iteration`:
 the reference's calls and arithmetic, with the G-step backward limited to the
 decoder (the authors' loop also back-propagates through the first encoder
 call a second time, for encoder gradients it discards), so it is a slightly
@@ -100,7 +100,10 @@ def worker_jax(args):
 
 def worker_torch(args):
   import torch  # pylint: disable=g-import-not-at-top
-  from introvae_jax import torch_reference as tr  # pylint: disable=g-import-not-at-top
+  # The restatement lives with the tests (it is not part of the package).
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))), 'tests'))
+  import torch_reference as tr  # pylint: disable=g-import-not-at-top
 
   torch.set_num_threads(args.threads)
   # XLA:CPU computes with denormals flushed to zero; the same here, so slow

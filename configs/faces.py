@@ -6,7 +6,10 @@ The offline default's model and objective on another built-in set, tuned
 apart).
 """
 
-from configs import default
+try:  # the recipes as the package carries them (installed, or editable)
+  from introvae_jax.configs import default
+except ModuleNotFoundError:  # a checkout imported without an install
+  from configs import default
 
 
 def get_config():

@@ -6,7 +6,10 @@ Data: a folder of FFHQ images (PNG/JPEG, searched recursively):
 set by name with `--config.dataset=NAME`.
 """
 
-from configs import celebahq1024
+try:  # the recipes as the package carries them (installed, or editable)
+  from introvae_jax.configs import celebahq1024
+except ModuleNotFoundError:  # a checkout imported without an install
+  from configs import celebahq1024
 
 NUM_IMAGES = 70_000
 

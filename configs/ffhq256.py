@@ -5,7 +5,10 @@ Data: `--config.data_dir=/path/to/ffhq` (a folder of images, any size; they
 are centre-cropped and resized), or `--config.dataset=NAME` for TFDS.
 """
 
-from configs import ffhq1024
+try:  # the recipes as the package carries them (installed, or editable)
+  from introvae_jax.configs import ffhq1024
+except ModuleNotFoundError:  # a checkout imported without an install
+  from configs import ffhq1024
 from introvae_jax.models import channels_for
 
 

@@ -73,6 +73,7 @@ import orbax.checkpoint as ocp
 from introvae_jax import checkpointing
 from introvae_jax import configuration
 from introvae_jax import errors
+from introvae_jax import extras
 from introvae_jax import files
 from introvae_jax import models
 from introvae_jax import step as step_lib
@@ -89,8 +90,7 @@ def _torch():
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise ImportError('Writing PyTorch checkpoints needs torch: '
-                      'pip install -r requirements-dev.txt') from e
+    raise extras.missing(e, 'Writing PyTorch checkpoints') from e
   return torch
 
 

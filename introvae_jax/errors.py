@@ -27,3 +27,8 @@ class MissingFileError(UserError, FileNotFoundError):
 
 class BadFileError(UserError, ValueError):
   """A weights or statistics file cannot be read or holds something else."""
+
+
+class MissingDependencyError(UserError, ImportError):
+  """An optional dependency is not installed; the message names the extra
+  (`introvae_jax.extras`) that brings it."""

@@ -21,7 +21,7 @@ torch = pytest.importorskip('torch', reason='checkpoint conversion tests need '
 import jax  # pylint: disable=g-import-not-at-top
 
 from introvae_jax import checkpointing, convert, models  # pylint: disable=g-import-not-at-top
-from introvae_jax import torch_reference as tr  # pylint: disable=g-import-not-at-top
+import torch_reference as tr  # pylint: disable=g-import-not-at-top  (tests/)
 from test_parity_torch import jax_state, small_config  # pylint: disable=g-import-not-at-top
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

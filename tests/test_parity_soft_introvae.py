@@ -21,7 +21,7 @@ from conftest import in_subprocess, tiny_config
 torch = pytest.importorskip('torch', reason='parity tests need torch: '
                             'pip install -r requirements-dev.txt')
 import test_parity_torch as parity  # pylint: disable=g-import-not-at-top
-from introvae_jax import torch_reference as tr  # pylint: disable=g-import-not-at-top
+import torch_reference as tr  # pylint: disable=g-import-not-at-top  (tests/)
 
 NOISE = objectives.soft_introvae.NOISE
 LOSS_TERMS = ('loss_rec', 'kl_real', 'kl_rec', 'kl_fake', 'kl_rec_g',

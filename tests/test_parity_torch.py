@@ -1,4 +1,4 @@
-"""Parity with the authors' PyTorch IntroVAE (`introvae_jax.torch_reference`).
+"""Parity with the authors' PyTorch IntroVAE (`tests/torch_reference.py`).
 
 Same weights, images and random draws on both sides:
 - forward: encoder (mu, logvar) and decoder output, float32, 1e-5 relative;
@@ -28,7 +28,7 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
 from introvae_jax import base_config, checkpointing, convert, models, objectives  # pylint: disable=g-import-not-at-top
 from introvae_jax import step as step_lib  # pylint: disable=g-import-not-at-top
-from introvae_jax import torch_reference as tr  # pylint: disable=g-import-not-at-top
+import torch_reference as tr  # pylint: disable=g-import-not-at-top  (tests/)
 from conftest import in_subprocess  # pylint: disable=g-import-not-at-top
 
 LOSS_TERMS = ('loss_rec', 'kl_real', 'kl_rec', 'kl_fake', 'kl_rec_g',

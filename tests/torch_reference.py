@@ -1,13 +1,13 @@
 """The authors' PyTorch IntroVAE (and Soft-IntroVAE's iteration), restated
 for parity tests and benchmarks.
 
-Test and benchmark only: this module imports torch (requirements-dev.txt) and
-nothing on the training path imports it. It restates hhb072/IntroVAE
-`networks.py` (model) and `main.py` (`train` and `train_vae`, one iteration
-each) in this project's words. Module and attribute names are the reference's,
-so `state_dict()` keys are the reference checkpoints' keys
-(`encoder.main.res_in_32.conv1.weight`, `decoder.fc.0.weight`, ...); images are
-NCHW as in the reference.
+Test and benchmark only: it lives in tests/, not in the package (the wheel
+holds no torch code), and imports torch (requirements-dev.txt). It restates
+hhb072/IntroVAE `networks.py` (model) and `main.py` (`train` and
+`train_vae`, one iteration each) in this project's words. Module and
+attribute names are the reference's, so `state_dict()` keys are the reference
+checkpoints' keys (`encoder.main.res_in_32.conv1.weight`,
+`decoder.fc.0.weight`, ...); images are NCHW as in the reference.
 
 Hyperparameters come from this project's config fields (`m_plus`,
 `weight_rec`, `weight_kl`, `weight_neg`, `lr_e`, `lr_g`, `adam_*`), so one
