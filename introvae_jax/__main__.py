@@ -1,12 +1,12 @@
 """The training program: `python -m introvae_jax --config=FILE --workdir=DIR`.
 
 `main.py` in a clone runs the same program. Any config field can be
-overridden, e.g. `--config.batch_size=32`; an installed recipe is named by
-its path, `--config=$(python -m introvae_jax.recipes default)`. A user error
-(a bad field, an incompatible workdir, missing data or a missing optional
-dependency) is one line on stderr and exit status 2. SIGTERM or Ctrl-C saves
-the current step and exits (status 0 after SIGTERM, 130 after Ctrl-C);
-rerunning the command resumes.
+overridden, e.g. `--config.batch_size=32`; `--config` takes a file or a
+recipe's name (`--config=ffhq1024`: the recipes the package carries). A user
+error (a bad field, an incompatible workdir, missing data or a missing
+optional dependency) is one line on stderr and exit status 2. SIGTERM or
+Ctrl-C saves the current step and exits (status 0 after SIGTERM, 130 after
+Ctrl-C); rerunning the command resumes.
 """
 
 import signal

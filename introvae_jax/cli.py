@@ -10,6 +10,9 @@ printed as `<program>: error: <message>` and exit with status 2, without a
 traceback; `--verbosity=1` (`-v 1`) prints the traceback as well. Other
 exceptions are bugs and keep their traceback. A config file that does not
 load, or whose get_config() raises, is reported naming the file and line.
+A config-file flag also takes a recipe's name (`--config=ffhq1024`,
+`--config=toy2d:rings`: `recipes.recipe_path`), so an installed package
+trains without a clone.
 """
 
 import logging as std_logging
@@ -24,6 +27,7 @@ from absl import flags
 from absl import logging
 
 from introvae_jax import cache
+from introvae_jax import recipes
 from introvae_jax.errors import UserError
 
 USAGE_EXIT_CODE = 2
@@ -144,10 +148,43 @@ def _exit_if_config_file_failed(error: BaseException) -> None:
   exit_with_error(f'{where}: {type(exc).__name__}: {_short(text)}')
 
 
+def _is_config_file_flag(flag_values, name: str) -> bool:
+  return (name in flag_values and
+          type(flag_values[name].parser).__name__ == 'ConfigFileFlagParser')
+
+
+def _recipe_paths(argv: Sequence[str], flag_values) -> list[str]:
+  """`argv` with a recipe's name given to a config-file flag
+  (`--config=ffhq1024`, `--config toy2d:rings`) replaced by the recipe's
+  path (`recipes.recipe_path`), so an installed package needs no clone."""
+  out = list(argv)
+  for i, arg in enumerate(out):
+    if not arg.startswith('--') or i == 0:
+      continue
+    name, eq, value = arg[2:].partition('=')
+    if not eq:  # `--config VALUE`
+      if i + 1 == len(out) or not _is_config_file_flag(flag_values, name):
+        continue
+      i, value = i + 1, out[i + 1]
+    elif not _is_config_file_flag(flag_values, name):
+      continue
+    if recipes.is_recipe_name(value):
+      try:
+        path = recipes.recipe_path(value)
+      except UserError:
+        names = ', '.join(recipes.recipe_names())
+        exit_with_error(f'--{name}={value} is neither a file nor a recipe; '
+                        f'the recipes are: {names}.')
+      out[i] = f'--{name}={path}' if eq else path
+  return out
+
+
 def _parse_flags(argv: Sequence[str], flag_values=None):
   """absl's parsing of `flag_values` (flags.FLAGS); any failure, config files
-  and their overrides included, is a usage error naming the flag or file."""
+  and their overrides included, is a usage error naming the flag or file. A
+  config file may be given as a recipe's name (`--config=default`)."""
   flag_values = flags.FLAGS if flag_values is None else flag_values
+  argv = _recipe_paths(argv, flag_values)
   try:
     remaining = flag_values(argv)
   except Exception as e:  # pylint: disable=broad-except

@@ -16,7 +16,7 @@ EXTRA = {
     'tensorflow': 'tf-cpu', 'tensorflow_datasets': 'train',
     'orbax': 'train', 'clu': 'train', 'tensorboard': 'train',
     'tqdm': 'train', 'scipy': 'train', 'PIL': 'train', 'skimage': 'train',
-    'mlxtend': 'train', 'matplotlib': 'train', 'ml_dtypes': 'train',
+    'mlxtend': 'train', 'matplotlib': 'train',
     'google': 'train', 'importlib_resources': 'train', 'torch': 'dev',
 }
 

@@ -1,19 +1,20 @@
 """The recipes by name: `configs/<name>.py` in a clone, the same files as
 `introvae_jax.configs` in an installed package.
 
-A recipe is a config file with `get_config()` (ml_collections'
-`--config=<path>` takes a file path). From a clone, name the file:
-`python main.py --config=configs/ffhq1024.py`. Where the package was
-installed (from a wheel or a git URL, with no clone at hand), ask for its
-path::
+A recipe is a config file with `get_config()`; ml_collections' `--config=`
+takes a file path. From a clone, name the file:
+`python main.py --config=configs/ffhq1024.py`. Every command line of the
+package also takes a recipe's name where it takes a config file (`cli`
+resolves it with `recipe_path`), so an installed package, with no clone at
+hand, trains with::
 
-  python -m introvae_jax --workdir=runs/ffhq \\
-      --config=$(python -m introvae_jax.recipes ffhq1024)
-  python -m introvae_jax.recipes            # every recipe and its path
+  python -m introvae_jax --config=ffhq1024 --workdir=runs/ffhq
+  python -m introvae_jax.toy2d --config=toy2d:rings
 
-or, from Python, `recipe_path('ffhq1024')` (a path for `--config` or
-`config_flags`) and `load_recipe('toy2d:rings')` (the ConfigDict, with the
-`:<argument>` that ml_collections passes to `get_config`).
+From Python, `recipe_path('ffhq1024')` is the file (for `config_flags` or
+another program's `--config`), `load_recipe('toy2d:rings')` the ConfigDict
+(with the `:<argument>` that ml_collections passes to `get_config`) and
+`recipe_names()` the list.
 
 The recipes import each other from `introvae_jax.configs` when the package
 carries them (installed, or installed editable from a clone) and from
@@ -24,8 +25,7 @@ the same files.
 import importlib
 import importlib.util
 import os
-import sys
-from typing import List, Optional
+from typing import List
 
 import ml_collections
 
@@ -52,6 +52,14 @@ def recipe_names() -> List[str]:
   """The recipes' names, sorted: `default`, `faces`, `ffhq1024`, ..."""
   return sorted(name[:-3] for name in os.listdir(recipe_dir())
                 if name.endswith('.py') and not name.startswith('_'))
+
+
+def is_recipe_name(value: str) -> bool:
+  """Whether a `--config` value names a recipe rather than a file: no
+  folder, no `.py`, and no such file here (`'ffhq1024'`, `'toy2d:rings'`)."""
+  base = value.partition(':')[0]
+  return bool(base) and not (os.sep in base or '/' in base or
+                             base.endswith('.py') or os.path.exists(base))
 
 
 def recipe_path(name: str) -> str:
@@ -82,25 +90,3 @@ def load_recipe(name: str) -> ml_collections.ConfigDict:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
   return module.get_config(argument) if argument else module.get_config()
-
-
-def main(argv: Optional[List[str]] = None) -> None:
-  """`python -m introvae_jax.recipes [NAME]`: NAME's path, or every recipe's
-  name and path."""
-  args = sys.argv[1:] if argv is None else argv
-  if len(args) > 1 or any(a.startswith('-') for a in args):
-    print('usage: python -m introvae_jax.recipes [NAME]', file=sys.stderr)
-    sys.exit(2)
-  try:
-    if args:
-      print(recipe_path(args[0]))
-    else:
-      for name in recipe_names():
-        print(f'{name:16} {recipe_path(name)}')
-  except UserError as e:
-    print(f'introvae_jax.recipes: error: {e}', file=sys.stderr)
-    sys.exit(2)
-
-
-if __name__ == '__main__':
-  main()
