@@ -171,10 +171,8 @@ def _recipe_paths(argv: Sequence[str], flag_values) -> list[str]:
     if recipes.is_recipe_name(value):
       try:
         path = recipes.recipe_path(value)
-      except UserError:
-        names = ', '.join(recipes.recipe_names())
-        exit_with_error(f'--{name}={value} is neither a file nor a recipe; '
-                        f'the recipes are: {names}.')
+      except UserError as e:
+        exit_with_error(f'--{name}={value} is neither a file nor a recipe. {e}')
       out[i] = f'--{name}={path}' if eq else path
   return out
 

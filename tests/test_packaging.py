@@ -256,8 +256,8 @@ def test_config_flags_take_a_recipe_name(capsys):
   assert code == 2
   assert len(err.strip().splitlines()) == 1
   assert err.strip().endswith(
-      ' error: --config=ffhq512 is neither a file nor a recipe; the '
-      f'recipes are: {", ".join(_recipe_files())}.'), err
+      " error: --config=ffhq512 is neither a file nor a recipe. No recipe "
+      f"named 'ffhq512'; the recipes are: {', '.join(_recipe_files())}."), err
 
 
 def test_recipes_load_from_a_checkout_without_an_install(tmp_path):
