@@ -3,7 +3,11 @@
 Mimics papermill: the cell tagged `parameters` is followed by an injected
 cell that overrides it (no install, 20 steps, eval off, a temporary workdir).
 A last cell added here reports what the test checks. The kernel is this
-interpreter (a kernelspec written for the test), so it sees the same venv.
+interpreter (a kernelspec written for the test), so it sees the same venv,
+where the package is installed (editable, from this checkout); it starts in
+a temporary folder, so the notebook uses the installed form (the recipes
+from the package, no clone on the path), as on Colab after its pip install
+from the git URL. tests/test_wheel.py installs the wheel itself.
 """
 
 import json
@@ -59,6 +63,20 @@ def test_notebook_is_stored_without_outputs():
       assert not cell.outputs and cell.execution_count is None, cell.source[:80]
 
 
+def test_notebook_installs_the_package_not_a_clone():
+  """The install cell pip-installs the package from its git URL with the
+  runtime's extras; nothing clones the repository or imports `configs`."""
+  code = '\n'.join(c.source for c in nbformat.read(NOTEBOOK, as_version=4).cells
+                   if c.cell_type == 'code')
+  assert '!pip install -q "introvae-jax[{extras}] @ {package_url}"' in code
+  assert "package_url = 'git+https://" in code
+  for extra in ("'train'", "'tpu'", "'cuda12'", "'tf-cpu'"):
+    assert extra in code, extra
+  for clone in ('git clone', 'from configs', 'sys.path', 'requirements'):
+    assert clone not in code, clone
+  assert "introvae_jax.load_recipe('default')" in code
+
+
 @pytest.mark.slow
 def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
   workdir = tmp_path / 'run'
@@ -82,7 +100,7 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
   monkeypatch.setenv('INTROVAE_CACHE', str(tmp_path / 'introvae_cache'))
   client = nbclient.NotebookClient(
       nb, kernel_name='python3', timeout=600,
-      resources={'metadata': {'path': os.path.join(REPO, 'notebooks')}})
+      resources={'metadata': {'path': str(tmp_path)}})  # not the checkout
   try:
     client.execute()
   except nbclient.exceptions.CellExecutionError as e:
