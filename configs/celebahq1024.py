@@ -17,7 +17,7 @@ def get_config():
   c.channels = channels_for(1024)  # (16, 32, 64, 128, 256, 512, 512, 512)
   c.hdim = 512
   c.batch_size = 12                # reference: 12 over 4 GPUs
-  # 3 images per 16 GiB v5e chip (README, "Planning a TPU run"): remat
+  # 3 images per 16 GiB v5e chip (docs/tpu.md, "Planning a TPU run"): remat
   # recomputes block activations in the backward pass (the same numbers;
   # without it the step needs 15.9 of the chip's 15.75 GiB), and float32
   # products as one bfloat16 pass on TPUs (TF32 on GPUs): 'highest', the

@@ -17,7 +17,7 @@ def get_config():
   c.hdim = 32
   c.batch_size = 64
   # The margin is 3x the real digits' KL after the warm-up (~8 at step 500):
-  # the hinge then acts on the fakes (README: how to choose m_plus).
+  # the hinge then acts on the fakes (docs/results.md: how to choose m_plus).
   c.m_plus = 25.0
   c.weight_rec = 1.0
   c.weight_kl = 1.0

@@ -15,7 +15,7 @@ exactly: `--config.mlp_hidden='(256,256,256,256)'`
 (tests/test_parity_soft_introvae.py checks that it equals their networks).
 The recipes are tied to their networks: on 8 Gaussians Soft-IntroVAE's betas
 reach all 8 modes on theirs (2 seeds of 3) and 6-7 here, IntroVAE's recipe
-all 8 here and 6 on theirs (README, "Their network on 8 Gaussians").
+all 8 here and 6 on theirs (docs/results.md, "Their network on 8 Gaussians").
 """
 
 from introvae_jax.toy2d import toy_config

@@ -57,11 +57,14 @@ class DamagedCheckpointError(WorkdirError):
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:
+  """The folder of the run's Orbax checkpoints, `<workdir>/checkpoints`."""
   return workdir_lib.path(workdir, 'checkpoints')
 
 
 def make_manager(workdir: str, *, max_to_keep: Optional[int] = 3,
                  read_only: bool = False) -> ocp.CheckpointManager:
+  """An Orbax CheckpointManager on `checkpoint_dir(workdir)`: asynchronous
+  saves keeping the newest `max_to_keep`, or `read_only` for the tools."""
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
       enable_async_checkpointing=not read_only)

@@ -58,6 +58,7 @@ NUM_GRID_IMAGES = 32
 
 
 def cell_name(objective: str, seed: int) -> str:
+  """A cell's name: its run folder and results file, `<objective>_seed<k>`."""
   return f'{objective}_seed{seed}'
 
 
@@ -210,6 +211,7 @@ def _grids(workdir: str, results: epath.Path, name: str, num_images: int):
 
 
 def is_toy(config) -> bool:
+  """Whether `config` is a 2-D toy recipe (configs/toy2d.py), run by toy2d."""
   return 'toy' in config
 
 
@@ -397,6 +399,8 @@ def compare(config, objectives: Sequence[str], seeds: Sequence[int],
 
 
 def main(argv):
+  """`python -m introvae_jax.compare`: trains the missing cells, writes the
+  tables and the figure."""
   del argv
   from absl import flags
   from introvae_jax import checkpointing

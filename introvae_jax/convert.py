@@ -654,6 +654,8 @@ def _stored_dtypes(workdir: str) -> set:
 
 
 def main(argv):
+  """`python -m introvae_jax.convert`: --torch_checkpoint to a workdir, or
+  --jax_checkpoint to a .pth file."""
   del argv
   f = flags.FLAGS
   if bool(f.torch_checkpoint) == bool(f.jax_checkpoint):

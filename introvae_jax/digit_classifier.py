@@ -145,6 +145,8 @@ def _features(params, x):
 
 
 def evaluate_accuracy(params, images, labels) -> float:
+  """The classifier's accuracy on `images` (as `to_classifier_input` takes
+  them) against integer `labels`."""
   logits = _batched(_logits, params, to_classifier_input(images))
   return float(np.mean(np.argmax(logits, axis=-1) == np.asarray(labels)))
 
@@ -245,6 +247,8 @@ def check_output(path: str) -> str:
 
 
 def main(argv):
+  """`python -m introvae_jax.digit_classifier`: trains the classifier and
+  saves it to --out (default: the cache)."""
   from absl import flags
   del argv
   f = flags.FLAGS

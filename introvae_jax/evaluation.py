@@ -446,8 +446,8 @@ def evaluate_model(state, config, real_images, key, *, num_samples=None,
       skip the real images' pass for those extractors.
 
   Returns:
-    Scalars: rec_mse, rec_psnr (dB, mean over images), kl_real, kl_rec,
-    kl_fake (batch means), swd_<res>... and swd_mean, feature metrics.
+    A dict of scalars rec_mse, rec_psnr (dB, mean over images), kl_real,
+    kl_rec, kl_fake (batch means), swd_<res>... and swd_mean, feature metrics.
   """
   import jax
   from introvae_jax import sampling
@@ -636,6 +636,8 @@ def evaluate_workdir(workdir: str, *, num_images: int = 1000, step=None,
 
 
 def main(argv):
+  """`python -m introvae_jax.evaluation --workdir=DIR`: evaluates the run's
+  newest checkpoint and writes `eval_<step>_<batch_norm>.json`."""
   from absl import flags
   from introvae_jax import checkpointing
   from introvae_jax import sampling

@@ -230,6 +230,8 @@ def generate(workdir, out, *, num=64, temperature=1.0, images=None,
 
 
 def main(argv):
+  """`python -m introvae_jax.generate --workdir=DIR`: samples,
+  reconstructions and interpolations of the run's newest checkpoint."""
   del argv
   from introvae_jax import checkpointing  # pylint: disable=g-import-not-at-top
   from introvae_jax import sampling  # pylint: disable=g-import-not-at-top

@@ -149,9 +149,9 @@ def create_input_iter(config: ml_collections.ConfigDict, *, start_step: int = 0,
       divide them); default `jax.local_device_count()`.
 
   Returns:
-    An iterator of {'image': float32 [local_batch, H, W, C]} in [0, 1],
-    local_batch = batch_size / process_count: this host's rows of each global
-    batch.
+    An iterator of dicts whose 'image' is float32 [local_batch, H, W, C] in
+    [0, 1], local_batch = batch_size / process_count (this host's rows of
+    each global batch).
   """
   if start_step < 0:
     raise ValueError(f'start_step={start_step} must be >= 0.')

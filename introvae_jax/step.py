@@ -195,8 +195,9 @@ def train_step(state: TrainState, batch, config: ml_collections.ConfigDict, *,
   # device updated them from its own rows; the replicated state must hold one
   # value, and the mean (an EMA of the devices' mean batch statistics, since
   # the update is linear) uses every device's data, where keeping device 0's,
-  # as torch's DataParallel does, would discard the others' (docs in README,
-  # "Data parallelism"). With sync_batch_stats the devices agree already.
+  # as torch's DataParallel does, would discard the others'
+  # (docs/train_step.md, "BatchNorm running statistics under data
+  # parallelism"). With sync_batch_stats the devices agree already.
   stats_e, stats_g = objectives.base.pmean((stats_e, stats_g), axis_name)
   metrics = objectives.base.pmean(metrics, axis_name)
   # A loss can be finite while the update it drove overflowed (a huge
@@ -235,7 +236,8 @@ def make_train_step(config, *, mesh=None, pmap: bool = False,
   running statistics are averaged over devices. The state's buffers are donated.
 
   `pmap=True`: `jax.pmap(train_step, axis_name='batch')` over the local
-  devices, taking a `replicate`d state and batches [devices, per_device, ...].
+  devices, taking a state from `replicate` and batches [devices, per_device,
+  ...].
   """
   validate(config)
   frozen = ml_collections.FrozenConfigDict(config)

@@ -5,13 +5,14 @@ Data sets, schedule and metrics follow Soft-IntroVAE (Daniel & Tamar, CVPR
 section 6. The model is the project's MLP encoder/decoder (`arch='mlp'`) and
 the step is `step.train_step`, unchanged; each data set carries IntroVAE's
 tuned weights (`HPARAMS`) and Soft-IntroVAE's recommended betas
-(`SOFT_HPARAMS`).
+(`SOFT_HPARAMS`)::
 
     python -m introvae_jax.toy2d --dataset=8gaussians --workdir=/tmp/toy
     python -m introvae_jax.toy2d --config=configs/toy2d.py:rings \\
         --config.m_plus=5
 
 Metrics (`evaluate`):
+
 - `kl`: the reference's "KL", PyTorch `kl_div(log(q + 1e-14), p,
   'batchmean')` between 100x100-bin *density* histograms (np.histogram2d,
   density=True) of 5,000 real (p) and 5,000 generated (q) points over
@@ -26,6 +27,7 @@ Metrics (`evaluate`):
 - `gnelbo`: grid-normalised negative ELBO, per-point (KL + squared error)
   with z = mu, divided by its sum over a 1024x1024 grid on [-2s, 2s]^2 plus
   the real points, averaged over 12,800 real points (lower is better).
+
 s is 1 for 8 Gaussians and 2 for the others, as in the reference.
 """
 
@@ -583,6 +585,8 @@ def run(config, workdir: str, log=print,
 
 
 def main(argv):
+  """`python -m introvae_jax.toy2d`: trains a 2-D toy recipe (resuming its
+  workdir) and writes its metrics and plot."""
   from absl import flags
   del argv
   checkpointing.quiet_orbax_logs()

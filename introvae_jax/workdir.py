@@ -92,6 +92,7 @@ def write_bytes(file_path, data: bytes) -> None:
 
 
 def write_text(file_path, text: str) -> None:
+  """`write_bytes` of `text`, UTF-8."""
   write_bytes(file_path, text.encode())
 
 

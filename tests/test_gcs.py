@@ -1,6 +1,6 @@
 """A gs:// workdir end to end, against a Cloud Storage API served locally.
 
-The README tells TPU-pod users to pass a bucket as --workdir. Here main.py
+docs/tpu.md tells TPU-pod users to pass a bucket as --workdir. Here main.py
 trains into gs://<bucket>/run on fake-gcs-server (tests/gcs_emulator.py),
 is killed (SIGKILL) once its first checkpoint is in the bucket, resumes in a
 fresh process whose local scratch (cwd, TMPDIR) is new, and must then match

@@ -58,10 +58,13 @@ def select(pred, on_true, on_false):
 
 
 def pmean(tree, axis_name):
+  """The mean of `tree` over the devices of `axis_name`; `tree` itself when
+  the step runs unmapped (`axis_name` None)."""
   return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
 
 
 def adam_step(tx, grads, opt_state, params):
+  """One update of `tx` (an optax transformation): (new params, new state)."""
   updates, opt_state = tx.update(grads, opt_state, params)
   return optax.apply_updates(params, updates), opt_state
 
@@ -95,4 +98,7 @@ def warmup_phase(state, config, dtype):
 
 
 def compute_dtype(config):
+  """`config.dtype` promoted to at least float32: the dtype of the step's
+  inputs, loss weights and sums (a bfloat16 run computes its convolutions
+  in bfloat16 and keeps these float32; a float64 run stays float64)."""
   return jnp.promote_types(jnp.dtype(config.dtype), jnp.float32)

@@ -37,8 +37,8 @@ FUSED = True
 # each (4): 13. Decoder: G(z_p), G(z) fwd (2); the encoder's gradient through
 # z, input grad of G(z) (1); the G-step, both grads of both calls (4): 7. The
 # authors' loop runs 8 (it back-propagates the reconstruction through the
-# decoder's weights twice); XLA's count of this step matches 13 + 7 (README,
-# "Performance").
+# decoder's weights twice); XLA's count of this step matches 13 + 7
+# (docs/performance.md, "Speed against the PyTorch reference").
 PASSES = (13, 7)
 READS = frozenset({'mode', 'm_plus', 'weight_rec', 'weight_kl', 'weight_neg',
                    'num_vae_steps', 'vae_weight_rec', 'vae_weight_kl'})
