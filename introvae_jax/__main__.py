@@ -40,7 +40,7 @@ def main(argv):
   checkpointing.quiet_orbax_logs()
   # Before any array is made.
   configuration.enable_x64_for(FLAGS.config.dtype, "--config's dtype")
-  signals = stopping.StopSignals()
+  signals = stopping.StopSignals(exit_when_saved=True)
   try:
     train.train_and_evaluate(FLAGS.config, _WORKDIR.value, signals=signals)
   except KeyboardInterrupt:  # Ctrl-C before the first step: nothing to save.

@@ -128,10 +128,6 @@ class InputIterator:
     with _decode_errors(self._decoder):
       return next(self._batches)
 
-  def close(self) -> None:
-    """Stops the pipeline's threads now, not whenever Python collects it."""
-    self._batches = None
-
   @property
   def corrupt_files(self) -> list[str]:
     """Image files skipped so far because they could not be decoded."""

@@ -2,6 +2,7 @@
 
 import os
 import signal
+import sys
 
 from absl import logging
 import jax
@@ -20,15 +21,35 @@ class StopSignals:
 
   Pass one to `train.train_and_evaluate` or `toy2d.train` to learn how the
   run ended: `stopped` is the signal that ended it early (SIGTERM for a
-  multi-host preemption), or None when it reached `num_train_steps`."""
+  multi-host preemption), or None when it reached `num_train_steps`.
+
+  `exit_when_saved=True` (the training program's) ends a single-process run
+  as soon as its stop is saved: `exit_if_asked` flushes the logs and leaves
+  with `os._exit`, status 0 after SIGTERM and 130 after SIGINT, so the
+  seconds that tearing down the input pipeline and the interpreter take on a
+  loaded host (measured: 3 s, and once 54 s) are not spent out of a
+  preemption notice's ~30. A library caller keeps its process.
+  """
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-  def __init__(self):
+  def __init__(self, *, exit_when_saved: bool = False):
     self.received = None  # the first signal's number
     self.stopped = None   # set by the loop when it stops early
+    self.exit_when_saved = exit_when_saved
     self._previous = {}
     self._interruptible = False
+
+  def exit_if_asked(self) -> None:
+    """Ends the process now (see the class) when `exit_when_saved` is set,
+    the run was stopped by a signal, and it is the only process."""
+    if not (self.exit_when_saved and self.stopped is not None and
+            jax.process_count() == 1):
+      return
+    logging.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(128 + signal.SIGINT if self.stopped == signal.SIGINT else 0)
 
   def call_interruptible(self, fn, *args):
     """fn(*args), or None when a stop signal arrives before or during it."""

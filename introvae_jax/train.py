@@ -275,6 +275,7 @@ def _stopped_before_training(signals, state, start: int, config):
                   config.num_train_steps,
                   f'checkpoint {start} stands' if start else 'no step had run',
                   'resume' if start else 'start')
+  signals.exit_if_asked()
   return state
 
 
@@ -449,9 +450,7 @@ def _train(config, workdir: str, manager,
     bar.close()
     writer.flush()
     manager.wait_until_finished()
-    # Now, in this order: left to the garbage collector, the prefetched
-    # batches and the input threads took up to 25 s to go on a loaded host.
-    batches.close()
-    data.close()
+    if signals.stopped is not None:
+      signals.exit_if_asked()  # the checkpoint is on disk, the logs flushed
   return state
 
