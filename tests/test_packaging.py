@@ -54,6 +54,16 @@ def _norm(name):
   return re.sub(r'[-_.]+', '-', name).lower()
 
 
+@pytest.fixture(autouse=True)
+def _forget_loaded_config_files():
+  """config_flags loads a file into sys.modules['config_config'] with the
+  deprecated `load_module`, which executes the next file into that same
+  module object: a later file without get_config() (tests/test_cli.py) would
+  find this one's. Leave none behind."""
+  yield
+  sys.modules.pop('config_config', None)
+
+
 def _run(code, *args, cwd=REPO):
   return subprocess.run([sys.executable, '-c', code, *args], cwd=cwd,
                         env=CHILD_ENV, capture_output=True, text=True,
