@@ -277,7 +277,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.max_consecutive_skips = 10  # 'skip': stop after this many skips in a row.
   # The most steps dispatched to the devices and not yet complete: 2 runs step
   # t while the host waits for step t-1, and bounds how long a stop signal
-  # waits (README: Stopping); 1 runs each step synchronously.
+  # waits (docs/long_runs.md); 1 runs each step synchronously.
   c.max_steps_in_flight = 2
 
   # Evaluation during training (introvae_jax.evaluation), written to
