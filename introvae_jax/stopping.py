@@ -52,7 +52,7 @@ class StopSignals:
     os._exit(128 + signal.SIGINT if self.stopped == signal.SIGINT else 0)
 
   def call_interruptible(self, fn, *args):
-    """fn(*args), or None when a stop signal arrives before or during it."""
+    """``fn(*args)``, or None when a stop signal arrives before or during it."""
     if self.requested:
       return None
     self._interruptible = True
@@ -92,6 +92,7 @@ class StopSignals:
 
   @property
   def requested(self) -> bool:
+    """Whether a stop signal has arrived (the loop then saves and stops)."""
     return self.received is not None
 
   def __exit__(self, *exc):

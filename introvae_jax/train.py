@@ -32,14 +32,20 @@ import time
 from typing import Dict, List, Optional, Tuple
 
 from absl import logging
-from clu import metric_writers
-from clu import periodic_actions
 from etils import epath
 import jax
 import numpy as np
-from tensorboard.compat.proto import event_pb2
-import tensorflow as tf
-import tqdm
+
+from introvae_jax import extras
+
+try:  # the train extra and TensorFlow: a missing one is named
+  from clu import metric_writers
+  from clu import periodic_actions
+  from tensorboard.compat.proto import event_pb2
+  import tensorflow as tf
+  import tqdm
+except ModuleNotFoundError as e:
+  raise extras.missing(e, 'introvae_jax.train') from e
 
 from introvae_jax import checkpointing
 from introvae_jax import configuration
@@ -299,10 +305,13 @@ class StepsInFlight:
     return len(self._steps)
 
   def dispatched(self, step: int, outputs) -> None:
+    """Records step `step`'s outputs; returns once fewer than `limit`
+    steps are in flight."""
     self._steps.append((step, outputs))
     self._wait(self.limit - 1)
 
   def wait_all(self) -> None:
+    """Returns once every dispatched step has finished."""
     self._wait(0)
 
   def _wait(self, keep: int) -> None:
