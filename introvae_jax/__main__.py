@@ -18,12 +18,13 @@ from ml_collections import config_flags
 from introvae_jax import cli
 from introvae_jax import configuration
 from introvae_jax import extras
+from introvae_jax.errors import MissingDependencyError
 
 try:  # what the core dependencies lack: a message naming the extra
   from introvae_jax import checkpointing
   from introvae_jax import stopping
   from introvae_jax import train
-except ModuleNotFoundError as e:
+except (ModuleNotFoundError, MissingDependencyError) as e:
   cli.exit_with_error(extras.missing(e, 'The training program'))
 
 FLAGS = flags.FLAGS
