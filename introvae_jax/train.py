@@ -301,9 +301,6 @@ class StepsInFlight:
     self._on_complete = on_complete
     self._steps = collections.deque()
 
-  def __len__(self):
-    return len(self._steps)
-
   def dispatched(self, step: int, outputs) -> None:
     """Records step `step`'s outputs; returns once fewer than `limit`
     steps are in flight."""
@@ -362,10 +359,9 @@ def _train(config, workdir: str, manager,
   # signal during this setup abandons it; the run then stops before step 1.
   evaluate = (signals.call_interruptible(_make_evaluator, config)
               if config.eval_every_steps and is_host0 else None)
-  if signals.requested:
-    return _stopped_before_training(signals, state, start, config)
-  train_step = compile_step(config, mesh, state)
-  if signals.requested:
+  if not signals.requested:
+    train_step = compile_step(config, mesh, state)
+  if signals.requested:  # before or during the compile
     return _stopped_before_training(signals, state, start, config)
   mfu = _mfu(config, config.batch_size // mesh.size)
   clock = [time.time(), start]  # [time, step] at the last flush
@@ -459,7 +455,6 @@ def _train(config, workdir: str, manager,
     bar.close()
     writer.flush()
     manager.wait_until_finished()
-    if signals.stopped is not None:
-      signals.exit_if_asked()  # the checkpoint is on disk, the logs flushed
+    signals.exit_if_asked()  # after a stop: the checkpoint is on disk
   return state
 
