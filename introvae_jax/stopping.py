@@ -39,6 +39,7 @@ class StopSignals:
     self.exit_when_saved = exit_when_saved
     self._previous = {}
     self._interruptible = False
+    self._interrupted = False
 
   def exit_if_asked(self) -> None:
     """Ends the process now (see the class) when `exit_when_saved` is set,
@@ -52,14 +53,21 @@ class StopSignals:
     os._exit(128 + signal.SIGINT if self.stopped == signal.SIGINT else 0)
 
   def call_interruptible(self, fn, *args):
-    """``fn(*args)``, or None when a stop signal arrives before or during it."""
+    """``fn(*args)``, or None when a stop signal arrives before or during it.
+
+    The signal interrupts `fn` by raising from wherever it runs; a library
+    that catches that and raises its own error (JAX does, in the comparison
+    of a jit's static arguments) is stopped all the same.
+    """
     if self.requested:
       return None
-    self._interruptible = True
+    self._interruptible, self._interrupted = True, False
     try:
       return fn(*args)
-    except _Interrupted:
-      return None
+    except Exception:  # _Interrupted, or what a library made of it
+      if self._interrupted:
+        return None
+      raise
     finally:
       self._interruptible = False
 
@@ -87,7 +95,7 @@ class StopSignals:
                     'exiting (send it again to abort at once).', name)
     self.received = signum
     if self._interruptible:
-      self._interruptible = False
+      self._interruptible, self._interrupted = False, True
       raise _Interrupted()
 
   @property

@@ -437,6 +437,28 @@ def test_stop_signal_during_evaluation_saves_within_seconds(tmp_path,
   assert scalars(workdir)['eval/step'] == {2: 2.0, 4: 4.0}
 
 
+def test_a_stop_during_evaluation_survives_a_library_rewrapping_it():
+  """Was (CI): Ctrl-C landed inside JAX's comparison of a jit's static
+  arguments, which raised a ValueError of its own, and the run died with
+  status 1 instead of saving."""
+  def evaluate():
+    try:
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(30)  # the handler raises from here
+    except Exception as e:  # what JAX does with an error it did not expect
+      raise ValueError('static arguments should be comparable') from e
+
+  with stopping.StopSignals() as signals:
+    started = time.monotonic()
+    assert signals.call_interruptible(evaluate) is None
+    assert time.monotonic() - started < 10
+    assert signals.received == signal.SIGINT
+  # An error of the call's own, with no signal, still reaches the caller.
+  with stopping.StopSignals() as signals:
+    with pytest.raises(ZeroDivisionError):
+      signals.call_interruptible(lambda: 1 / 0)
+
+
 def _stop_with_a_backlog(workdir, monkeypatch, in_flight, signal_at=12):
   """Trains the tiny digits model at batch 64 (a step takes many times the
   host's dispatch time), sends this process SIGTERM right after step
