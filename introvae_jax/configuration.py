@@ -206,6 +206,9 @@ def base_config() -> ml_collections.ConfigDict:
                                 # stay float32).
   c.conv_impl = 'xla'           # 'xla' (every backend) or 'im2col'
                                 # (a CPU lever).
+  c.space_to_depth = 1          # conv: the block (1, 2, 4, 8) full-size maps
+                                # are packed with, halved per stage
+                                # (layout.py: TPU lanes); 1: plain NHWC.
   c.remat = False               # recompute block activations in the backward.
   c.precision = 'highest'       # float32 matmuls/convs: 'highest' (exact on
                                 # every backend), 'high' or 'default' (TPU:
@@ -322,6 +325,7 @@ CONSTRAINTS = {
     'residual_block': Choice(tuple(models.RESIDUAL_BLOCKS)),
     'dtype': Choice(DTYPES),
     'conv_impl': Choice(('xla', 'im2col')),
+    'space_to_depth': Choice((1, 2, 4, 8)),
     'remat': Bool(),
     'precision': Choice(PRECISIONS),
     'data_dim': _COUNT,
@@ -401,7 +405,8 @@ FREE_ON_RESUME = frozenset({
     'on_nonfinite', 'max_consecutive_skips', 'max_steps_in_flight',
     'on_corrupt_image',
     'eval_every_steps', 'eval_num_images',
-    'fid_weights', 'digit_classifier', 'conv_impl', 'remat', 'precision',
+    'fid_weights', 'digit_classifier', 'conv_impl', 'space_to_depth',
+    'remat', 'precision',
     'distributed', 'coordinator_address', 'num_processes', 'process_id',
     'allow_changes',
 })
@@ -536,6 +541,10 @@ def validate(config) -> None:
            f'{base * 2 ** len(chans)} (or set channels to '
            f'introvae_jax.channels_for({size}), or base_size to '
            f'image_size / 2**len(channels)).')
+    if config.space_to_depth > 2 ** len(chans):
+      fail(f'space_to_depth={config.space_to_depth} packs more than the '
+           f'{2 ** len(chans)}x{2 ** len(chans)} pixels that the model '
+           f'pools to one: use at most {2 ** len(chans)}.')
   if config.mode == 'fused':
     if not objectives.get(config.objective).FUSED:
       fail(f"mode='fused' is IntroVAE's one-pass variant; objective="

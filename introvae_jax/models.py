@@ -6,11 +6,14 @@ average-pool downsampling, nearest-neighbour upsampling and a linear output.
 All state lives in the variables `params` and `batch_stats`.
 """
 
+import functools
 from typing import Any, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from introvae_jax import layout
 
 # Widths of the reference 256 px model; smaller sizes keep its last entries so
 # every spatial resolution has the same width as in the 256 px model.
@@ -67,14 +70,20 @@ class BatchNorm(nn.Module):
   Normalises with the biased batch variance, but updates `var` with the
   unbiased one (n / (n - 1)) as PyTorch does; `momentum` is PyTorch's (weight
   of the new batch). With `axis_name`, statistics are averaged across devices.
+  On a map packed with `block` (`layout`), a channel's statistics cover the
+  block's pixels too.
   """
   momentum: float = BN_MOMENTUM
   epsilon: float = 1e-5
   axis_name: Optional[str] = None
   dtype: Any = jnp.float32
+  block: int = 1
 
   @nn.compact
   def __call__(self, x, use_running_average: bool = False):
+    packed_shape = x.shape
+    if self.block > 1:
+      x = layout.unpack_channels(x, self.block)
     features = x.shape[-1]
     ftype = _float(self.dtype)
     scale = self.param('scale', nn.initializers.ones, (features,), ftype)
@@ -106,7 +115,7 @@ class BatchNorm(nn.Module):
                         + m * jax.lax.stop_gradient(unbiased))
     mul = scale * jax.lax.rsqrt(var + self.epsilon)
     y = (x.astype(ftype) - mean) * mul + bias
-    return y.astype(self.dtype)
+    return y.astype(self.dtype).reshape(packed_shape)
 
 
 class Conv(nn.Module):
@@ -118,6 +127,8 @@ class Conv(nn.Module):
   choice. XLA's own convolution ('xla') is the default on every backend: on
   this project's AMD EPYC (Zen 4) CPUs it also beats im2col (64 px reference
   step, batch 16: 11.8 vs 14.8 s, 1.6 vs 6.0 GiB of XLA temporaries).
+  On a map packed with `block`, the same parameters act through
+  `layout.packed_kernel`, and the output is packed too.
   """
   features: int
   kernel_size: int
@@ -125,15 +136,17 @@ class Conv(nn.Module):
   impl: str = 'xla'
   dtype: Any = jnp.float32
   precision: Any = None
+  block: int = 1
 
   @nn.compact
   def __call__(self, x):
-    k = self.kernel_size
-    pr = self.precision
+    pr, bb = self.precision, self.block * self.block
     kernel = self.param('kernel', nn.initializers.lecun_normal(),
-                        (k, k, x.shape[-1], self.features), _float(self.dtype))
+                        (self.kernel_size, self.kernel_size, x.shape[-1] // bb,
+                         self.features), _float(self.dtype))
     x = x.astype(self.dtype)
-    kernel = kernel.astype(self.dtype)
+    kernel = layout.packed_kernel(kernel.astype(self.dtype), self.block)
+    k, features = kernel.shape[0], kernel.shape[-1]
     if k == 1:
       y = jnp.einsum('bhwc,cf->bhwf', x, kernel[0, 0], precision=pr)
     elif self.impl == 'im2col':
@@ -142,7 +155,7 @@ class Conv(nn.Module):
       xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
       cols = jnp.concatenate([xp[:, dy:dy + h, dx:dx + w, :]
                               for dy in range(k) for dx in range(k)], axis=-1)
-      y = jnp.einsum('bhwk,kf->bhwf', cols, kernel.reshape(-1, self.features),
+      y = jnp.einsum('bhwk,kf->bhwf', cols, kernel.reshape(-1, features),
                      precision=pr)
     else:
       y = jax.lax.conv_general_dilated(
@@ -151,7 +164,7 @@ class Conv(nn.Module):
     if self.use_bias:
       bias = self.param('bias', nn.initializers.zeros, (self.features,),
                         _float(self.dtype))
-      y = y + bias.astype(self.dtype)
+      y = y + jnp.tile(bias.astype(self.dtype), bb)
     return y
 
 
@@ -159,7 +172,7 @@ class ResidualBlock(nn.Module):
   """Reference `_Residual_Block`: BN and activation come after the skip add;
   `bn_before_add` (Soft-IntroVAE's block, `train_soft_intro_vae.py` l. 65-75):
   the second BN on the branch, then the add and the activation. The
-  parameters are the same either way."""
+  parameters are the same either way, and so in any `block` (`layout`)."""
   features: int
   skip_conv: bool
   bn_axis_name: Optional[str] = None
@@ -167,13 +180,14 @@ class ResidualBlock(nn.Module):
   dtype: Any = jnp.float32
   precision: Any = None
   bn_before_add: bool = False
+  block: int = 1
 
   @nn.compact
   def __call__(self, x, train: bool = True):
     conv = lambda f, k, name: Conv(f, k, False, self.conv_impl, self.dtype,
-                                   self.precision, name=name)
+                                   self.precision, self.block, name=name)
     bn = lambda name: BatchNorm(axis_name=self.bn_axis_name, dtype=self.dtype,
-                                name=name)
+                                block=self.block, name=name)
     skip = conv(self.features, 1, 'conv_expand')(x) if self.skip_conv else x
     h = conv(self.features, 3, 'conv1')(x)
     h = nn.leaky_relu(bn('bn1')(h, not train), 0.2)
@@ -188,6 +202,21 @@ def upsample(h):
   return jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
 
 
+def _pool(h, block: int):
+  """2 x 2 average pool of a map held with `block` (`layout.pool`)."""
+  if block > 1:
+    return layout.pool(h, block)
+  return nn.avg_pool(h, (2, 2), (2, 2))
+
+
+def _upsample(h, block: int, new_block: int):
+  """x2 upsampling of a map held with `block`, to one held with
+  `new_block` (2 * block on the same positions, or 1 as before)."""
+  if new_block > 1:
+    return layout.upsample(h, block)
+  return upsample(h)
+
+
 def _block(remat: bool):
   """ResidualBlock, or one that recomputes its activations in the backward
   pass (`nn.remat`: less memory, one more forward; same parameters)."""
@@ -196,7 +225,11 @@ def _block(remat: bool):
 
 
 class Encoder(nn.Module):
-  """x [B, H, W, C] in [0, 1] -> (mu, logvar), each [B, hdim] in float32."""
+  """x [B, H, W, C] in [0, 1] -> (mu, logvar), each [B, hdim] in float32.
+
+  `space_to_depth` > 1 runs the high-resolution stages on packed maps
+  (`layout`): full-resolution maps with that block, halved per stage down
+  to 1. The same parameters and, up to rounding, the same numbers."""
   channels: Sequence[int]
   hdim: int
   reference_layout: bool = True
@@ -207,6 +240,7 @@ class Encoder(nn.Module):
   precision: Any = None
   bn_before_add: bool = False
   base: int = 4
+  space_to_depth: int = 1
 
   @nn.compact
   def __call__(self, x, train: bool = True):
@@ -215,19 +249,22 @@ class Encoder(nn.Module):
     if x.shape[1] != size or x.shape[2] != x.shape[1]:
       raise ValueError(f'Encoder with channels={chans} and base={self.base} '
                        f'expects {size}px square images, got {x.shape}.')
-    block = lambda f, skip, name: _block(self.remat)(
+    at = functools.partial(layout.block_at, self.space_to_depth, size)
+    block = lambda f, skip, px, name: _block(self.remat)(
         f, skip, self.bn_axis_name, self.conv_impl, self.dtype,
-        self.precision, self.bn_before_add, name=name)
+        self.precision, self.bn_before_add, at(px), name=name)
+    px = size
     h = Conv(chans[0], 5, False, self.conv_impl, self.dtype, self.precision,
-             name='conv_in')(x)
+             at(px), name='conv_in')(layout.pack(x, at(px)))
     h = BatchNorm(axis_name=self.bn_axis_name, dtype=self.dtype,
-                  name='bn_in')(h, not train)
-    h = nn.avg_pool(nn.leaky_relu(h, 0.2), (2, 2), (2, 2))
+                  block=at(px), name='bn_in')(h, not train)
+    h = _pool(nn.leaky_relu(h, 0.2), at(px))
     for i in range(1, len(chans)):
+      px //= 2
       skip = _has_skip_conv(chans[i - 1], chans[i], True, self.reference_layout)
-      h = block(chans[i], skip, f'block_{i}')(h, train)
-      h = nn.avg_pool(h, (2, 2), (2, 2))
-    h = block(chans[-1], False, f'block_{len(chans)}')(h, train)
+      h = block(chans[i], skip, px, f'block_{i}')(h, train)
+      h = _pool(h, at(px))
+    h = block(chans[-1], False, px // 2, f'block_{len(chans)}')(h, train)
     h = h.reshape((h.shape[0], -1))
     out = nn.Dense(2 * self.hdim, dtype=self.dtype,
                    param_dtype=_float(self.dtype), precision=self.precision,
@@ -240,7 +277,8 @@ class Decoder(nn.Module):
   """z [B, hdim] -> image [B, H, W, image_channels] (linear output, float32).
 
   The dense layer writes a `base` x `base` map (Soft-IntroVAE sizes it as
-  the encoder's last map: 7 for their 28 px networks)."""
+  the encoder's last map: 7 for their 28 px networks). `space_to_depth` as
+  in `Encoder`."""
   channels: Sequence[int]
   hdim: int
   image_channels: int = 3
@@ -252,30 +290,33 @@ class Decoder(nn.Module):
   precision: Any = None
   bn_before_add: bool = False
   base: int = 4
+  space_to_depth: int = 1
 
   @nn.compact
   def __call__(self, z, train: bool = True):
     chans, b = tuple(self.channels), self.base
-    block = lambda f, skip, name: _block(self.remat)(
+    at = functools.partial(layout.block_at, self.space_to_depth,
+                           image_size_for(chans, b))
+    block = lambda f, skip, px, name: _block(self.remat)(
         f, skip, self.bn_axis_name, self.conv_impl, self.dtype,
-        self.precision, self.bn_before_add, name=name)
+        self.precision, self.bn_before_add, at(px), name=name)
     h = nn.Dense(chans[-1] * b * b, dtype=self.dtype,
                  param_dtype=_float(self.dtype), precision=self.precision,
                  name='fc')(z.astype(self.dtype))
     h = nn.relu(h).reshape((z.shape[0], b, b, chans[-1]))
     # The reference walks the list backwards; its first block pairs the last
     # entry with itself (one list entry), later ones pair two adjacent entries.
-    prev = len(chans) - 1
+    prev, px = len(chans) - 1, b
     for n, i in enumerate(reversed(range(len(chans)))):
       skip = _has_skip_conv(chans[prev], chans[i], prev != i,
                             self.reference_layout)
-      h = block(chans[i], skip, f'block_{n}')(h, train)
-      h = upsample(h)
-      prev = i
-    h = block(chans[0], False, f'block_{len(chans)}')(h, train)
+      h = block(chans[i], skip, px, f'block_{n}')(h, train)
+      h = _upsample(h, at(px), at(2 * px))
+      prev, px = i, 2 * px
+    h = block(chans[0], False, px, f'block_{len(chans)}')(h, train)
     out = Conv(self.image_channels, 5, True, self.conv_impl, self.dtype,
-               self.precision, name='conv_out')(h)
-    return out.astype(_float(self.dtype))
+               self.precision, at(px), name='conv_out')(h)
+    return layout.unpack(out, at(px)).astype(_float(self.dtype))
 
 
 def _dense(features: int, owner: nn.Module, name: str) -> nn.Dense:
@@ -334,7 +375,7 @@ def build_models(config, bn_axis_name: Optional[str] = None):
             conv_impl=m.conv_impl, dtype=dtype, remat=m.remat,
             precision=precision,
             bn_before_add=RESIDUAL_BLOCKS[m.residual_block],
-            base=m.base_size)
+            base=m.base_size, space_to_depth=m.space_to_depth)
   return Encoder(**kw), Decoder(image_channels=m.image_channels, **kw)
 
 

@@ -1,0 +1,223 @@
+"""The space-to-depth layout (`config.space_to_depth`, layout.py) against
+the plain NHWC path.
+
+- `pack` against a hand-written index of each pixel;
+- a packed convolution against `lax.conv` on the plain map (kernel sizes 1,
+  3, 5; blocks 2, 4), forward and gradients, in float64;
+- the models and both objectives' steps in float64 at 1e-10 (outputs,
+  gradients, BatchNorm statistics, parameters after 3 steps), and in float32
+  at the tolerances of the naive-reference tests (test_step.py);
+- one parameter tree in every layout: a checkpoint of one layout runs in the
+  other.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from introvae_jax import configuration
+from introvae_jax import layout
+from introvae_jax import models
+from introvae_jax import step as step_lib
+from conftest import (assert_trees_close, in_subprocess, jitted_step,
+                      step_gradients, tiny_batch, tiny_config)
+
+X64 = in_subprocess('x64', {'JAX_ENABLE_X64': '1'})
+BLOCKS = (2, 4)
+# Block 4 on the 16 px model takes every path (pools 4 -> 2 -> 1,
+# upsamplings 1 -> 2 -> 4); the slow set also runs block 2 through the
+# steps, and the float32 steps (compiles: a minute on 2 cores).
+SLOW_BLOCK = pytest.param(2, marks=pytest.mark.slow)
+
+
+def small_config(**overrides):
+  """16 px, widths (4, 8): maps of 16, 8 and 4 px, so block 4 reaches every
+  case (4 -> 2 -> 1 pools, 1 -> 2 -> 4 upsamplings)."""
+  return tiny_config(image_size=16, channels=(4, 8), **overrides)
+
+
+def test_pack_puts_each_pixel_where_the_layout_says():
+  rs = np.random.RandomState(0)
+  x = rs.randn(2, 8, 12, 3)
+  for b in (2, 4):
+    p = np.asarray(layout.pack(x, b))
+    assert p.shape == (2, 8 // b, 12 // b, b * b * 3)
+    for i, j, u, v, c in [(0, 0, 0, 0, 0), (1, 2, 1, 0, 2), (0, 1, b - 1,
+                                                             b - 1, 1)]:
+      assert p[1, i, j, (u * b + v) * 3 + c] == x[1, i * b + u, j * b + v, c]
+    np.testing.assert_array_equal(layout.unpack(p, b), x)
+
+
+def test_block_halves_per_stage_down_to_one():
+  assert [layout.block_at(4, 64, s) for s in (64, 32, 16, 8)] == [4, 2, 1, 1]
+  assert layout.block_at(1, 64, 64) == 1
+
+
+def test_every_layout_has_the_same_parameters():
+  config = small_config()
+  shapes = lambda c: jax.tree_util.tree_map(
+      lambda a: (a.shape, a.dtype), step_lib.abstract_train_state(c))
+  for b in BLOCKS:
+    assert shapes(small_config(space_to_depth=b)) == shapes(config)
+
+
+def test_a_block_larger_than_the_model_pools_is_refused():
+  with pytest.raises(ValueError, match='space_to_depth=8 packs more'):
+    configuration.validate(small_config(space_to_depth=8))
+
+
+def _conv_case(k, b, dtype):
+  rs = np.random.RandomState(k * 10 + b)
+  x = jnp.asarray(rs.randn(2, 8, 8, 3), dtype)
+  kernel = jnp.asarray(rs.randn(k, k, 3, 5), dtype)
+  bias = jnp.asarray(rs.randn(5), dtype)
+  w = jnp.asarray(rs.randn(2, 8, 8, 5), dtype)
+  return x, kernel, bias, w
+
+
+def _plain_conv(x, kernel, bias):
+  return jax.lax.conv_general_dilated(
+      x, kernel, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      precision=jax.lax.Precision.HIGHEST) + bias
+
+
+def _module_conv(x, kernel, bias, b):
+  conv = models.Conv(5, kernel.shape[0], True, dtype=x.dtype,
+                     precision=jax.lax.Precision.HIGHEST, block=b)
+  y = conv.apply({'params': {'kernel': kernel, 'bias': bias}},
+                 layout.pack(x, b))
+  return layout.unpack(y, b)
+
+
+@X64
+@pytest.mark.parametrize('k', (1, 3, 5))
+def test_packed_convolution_is_the_convolution_float64(k):
+  assert jax.config.jax_enable_x64
+  for b in BLOCKS:
+    x, kernel, bias, w = _conv_case(k, b, jnp.float64)
+    np.testing.assert_allclose(_module_conv(x, kernel, bias, b),
+                               _plain_conv(x, kernel, bias), rtol=1e-12,
+                               atol=1e-12)
+    loss = lambda f: lambda *a: jnp.sum(f(*a) * w)
+    got = jax.grad(loss(functools.partial(_module_conv, b=b)),
+                   argnums=(0, 1, 2))(x, kernel, bias)
+    expected = jax.grad(loss(_plain_conv), argnums=(0, 1, 2))(x, kernel, bias)
+    assert_trees_close(got, expected, rtol=1e-12, atol_scale=1e-12,
+                       what=f'k={k} b={b} gradients')
+
+
+def _model_outputs(config, params, x, z):
+  """`_outputs`, compiled."""
+  return jax.jit(functools.partial(_outputs, config))(params, x, z)
+
+
+def _outputs(config, params, x, z):
+  """Encoder (mu, logvar) and decoder output in training mode, the updated
+  BatchNorm statistics, and the gradients of a fixed contraction of all of
+  them with respect to every parameter."""
+  enc, dec = models.build_models(config)
+  rs = np.random.RandomState(1)
+
+  def run(params):
+    (mu, logvar), se = enc.apply(
+        {'params': params['e'], 'batch_stats': params['se']}, x,
+        mutable=['batch_stats'])
+    out, sg = dec.apply(
+        {'params': params['g'], 'batch_stats': params['sg']}, z,
+        mutable=['batch_stats'])
+    return (mu, logvar, out), (se, sg)
+
+  (mu, logvar, out), stats = run(params)
+  weights = [jnp.asarray(rs.randn(*a.shape), a.dtype)
+             for a in (mu, logvar, out)]
+
+  def loss(p):
+    outs, _ = run(dict(params, e=p['e'], g=p['g']))
+    return sum(jnp.sum(o * w) for o, w in zip(outs, weights))
+
+  grads = jax.grad(loss)(params)
+  return (mu, logvar, out), stats, (grads['e'], grads['g'])
+
+
+
+def _initial_params(config, dtype):
+  state = step_lib.create_train_state(config, jax.random.key(0))
+  cast = lambda t: jax.tree_util.tree_map(lambda a: a.astype(dtype), t)
+  return dict(e=cast(state.params_e), g=cast(state.params_g),
+              se=cast(state.batch_stats_e), sg=cast(state.batch_stats_g))
+
+
+@X64
+@pytest.mark.parametrize('b', (SLOW_BLOCK, 4))
+@pytest.mark.parametrize('block_kind', list(models.RESIDUAL_BLOCKS))
+def test_models_in_every_layout_float64(block_kind, b):
+  """Both residual blocks (the steps below use IntroVAE's)."""
+  config = small_config(dtype='float64', residual_block=block_kind)
+  params = _initial_params(config, jnp.float64)
+  x = jnp.asarray(tiny_batch(config, batch_size=3, dtype=np.float64))
+  z = jnp.asarray(np.random.RandomState(2).randn(3, config.hdim))
+  expected = _model_outputs(config, params, x, z)
+  got = _model_outputs(small_config(dtype='float64', residual_block=block_kind,
+                                    space_to_depth=b), params, x, z)
+  for part, what in zip(range(3), ('outputs', 'BatchNorm stats', 'grads')):
+    assert_trees_close(got[part], expected[part], rtol=1e-10,
+                       atol_scale=1e-12, what=f'block {b} {what}')
+
+
+def _three_steps(config, state):
+  step = jitted_step(config)
+  for t in range(3):
+    state, metrics = step(state, tiny_batch(config, seed=t,
+                                            dtype=np.dtype(config.dtype)))
+  return state, metrics
+
+
+@X64
+@pytest.mark.parametrize('b', (SLOW_BLOCK, 4))
+@pytest.mark.parametrize('objective', ('introvae', 'soft_introvae'))
+def test_steps_in_every_layout_float64(objective, b):
+  fields = dict(objective=objective, dtype='float64', num_vae_steps=1,
+                m_plus=2.5)
+  config = small_config(**fields)
+  start = jax.tree_util.tree_map(
+      lambda a: a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating)
+      else a, step_lib.create_train_state(config, jax.random.key(0)))
+  expected, expected_metrics = _three_steps(config, start)
+  got, metrics = _three_steps(small_config(space_to_depth=b, **fields), start)
+  assert_trees_close(metrics, expected_metrics, rtol=1e-10, atol_scale=1e-12,
+                     what=f'block {b} metrics')
+  assert_trees_close(
+      (got.params_e, got.params_g, got.batch_stats_e, got.batch_stats_g,
+       got.opt_state_e, got.opt_state_g),
+      (expected.params_e, expected.params_g, expected.batch_stats_e,
+       expected.batch_stats_g, expected.opt_state_e, expected.opt_state_g),
+      rtol=1e-10, atol_scale=1e-12, what=f'block {b} state')
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('objective', ('introvae', 'soft_introvae'))
+def test_steps_in_every_layout_float32(objective):
+  """Each step from the same state: losses, gradients and statistics at the
+  float32 tolerances of test_step.py's naive-reference comparison."""
+  fields = dict(objective=objective, num_vae_steps=1, m_plus=2.5,
+                adam_b1=0.0)
+  config = small_config(**fields)
+  state = step_lib.create_train_state(config, jax.random.key(0))
+  for t in range(3):
+    x = tiny_batch(config, seed=t)
+    expected, expected_metrics = jitted_step(config)(state, x)
+    for b in BLOCKS:
+      got, metrics = jitted_step(small_config(space_to_depth=b, **fields))(
+          state, x)
+      assert_trees_close(metrics, expected_metrics, rtol=1e-5,
+                         atol_scale=1e-5, what=f'{t} block {b} metrics')
+      assert_trees_close(step_gradients(got), step_gradients(expected),
+                         rtol=1e-5, atol_scale=1e-5, what=f'{t} block {b} grad')
+      assert_trees_close((got.batch_stats_e, got.batch_stats_g),
+                         (expected.batch_stats_e, expected.batch_stats_g),
+                         rtol=1e-5, atol_scale=1e-5,
+                         what=f'{t} block {b} stats')
+    state = expected
