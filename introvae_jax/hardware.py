@@ -10,6 +10,7 @@ import dataclasses
 import re
 from typing import Dict, Optional, Tuple
 
+from introvae_jax import layout
 from introvae_jax import models
 from introvae_jax import objectives
 from introvae_jax.errors import UserError
@@ -105,16 +106,44 @@ def _taps(size: int, k: int, exact: bool) -> int:
   return line * line
 
 
-def forward_flops(config, exact_taps: bool = False) -> Tuple[int, int]:
+# The MXU's side on a TPU: a product's contraction and output widths are
+# multiplied in tiles of this many (128 x 128 arrays; v6e's are 256 x 256).
+MXU_TILE = {'v4': 128, 'v5e': 128, 'v5p': 128, 'v6e': 256}
+
+
+def _mxu_conv(size: int, c_in: int, c_out: int, k: int, block: int,
+              tile: int) -> int:
+  """FLOPs an MXU performs for a k x k convolution over a size x size map
+  held with `block` (`layout`): the packed map's positions, the packed
+  kernel's taps (its zero taps are multiplied too) and its channel widths
+  rounded up to the MXU tile."""
+  up = lambda n: -(-n // tile) * tile
+  taps = 2 * -(-(k // 2) // block) + 1
+  bb = block * block
+  return (2 * (size // block) ** 2 * taps * taps * up(bb * c_in)
+          * up(bb * c_out))
+
+
+def forward_flops(config, exact_taps: bool = False,
+                  mxu_tile: Optional[int] = None) -> Tuple[int, int]:
   """(encoder, decoder) forward FLOPs per example, from the layer shapes:
   2*H*W*Cin*Cout*k*k per convolution, 2*in*out per dense layer; the
   elementwise work (BatchNorm, activations, pooling, losses, Adam) is not
   counted. `exact_taps` leaves out the taps on 'SAME' padding, as XLA's
-  count does (a third of a 3x3 window at 4x4; little at 64 px and up)."""
-  _conv = lambda s, c_in, c_out, k: 2 * _taps(s, k, exact_taps) * c_in * c_out
+  count does (a third of a 3x3 window at 4x4; little at 64 px and up).
+  With `mxu_tile`, the convolutions count what a TPU's MXU multiplies
+  (`_mxu_conv`: widths padded to the tile, in `config.space_to_depth`'s
+  layout), the work a narrow layer wastes and a packed one adds."""
   chans = tuple(config.channels)
   base = config.base_size
   size = models.image_size_for(chans, base)
+  if mxu_tile:
+    _conv = lambda s, c_in, c_out, k: _mxu_conv(
+        s, c_in, c_out, k, layout.block_at(config.space_to_depth, size, s),
+        mxu_tile)
+  else:
+    _conv = lambda s, c_in, c_out, k: (2 * _taps(s, k, exact_taps) * c_in
+                                       * c_out)
   img, hdim = config.image_channels, config.hdim
   skip = lambda a, b, two: models._has_skip_conv(  # pylint: disable=protected-access
       a, b, two, config.reference_layout)
@@ -152,13 +181,14 @@ def mlp_forward_flops(config) -> Tuple[int, int]:
   return enc, sum(2 * a * b for a, b in zip(widths, widths[1:]))
 
 
-def analytic_flops(config, batch: int, exact_taps: bool = False) -> int:
+def analytic_flops(config, batch: int, exact_taps: bool = False,
+                   mxu_tile: Optional[int] = None) -> int:
   """Model FLOPs of one iteration of `config.objective` on `batch` examples
   (the MFU numerator: remat's recomputation is not model work): forward
   FLOPs times the objective's passes (`PASSES`, in forward-pass
-  equivalents)."""
-  enc, dec = (forward_flops(config, exact_taps) if config.arch == 'conv'
-              else mlp_forward_flops(config))
+  equivalents). `mxu_tile`: what a TPU multiplies (`forward_flops`)."""
+  enc, dec = (forward_flops(config, exact_taps, mxu_tile)
+              if config.arch == 'conv' else mlp_forward_flops(config))
   passes_e, passes_g = objectives.get(config.objective).PASSES
   return batch * (passes_e * enc + passes_g * dec)
 

@@ -27,13 +27,15 @@ compiled separately and run between steps, when the step's temporaries are
 freed; their memory on top of the state is not planned here.
 """
 
+import collections
 import os
 import re
 import time
-from typing import Tuple
+from typing import Dict, List, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from introvae_jax import configuration
 from introvae_jax import hardware
@@ -154,6 +156,108 @@ def xla_bytes(compiled) -> float:
   return _cost(compiled, 'bytes accessed')
 
 
+# HLO text: element sizes, one array type with its layout, one instruction.
+_ITEM_BYTES = dict(pred=1, s8=1, u8=1, s16=2, u16=2, bf16=2, f16=2, s32=4,
+                   u32=4, f32=4, s64=8, u64=8, f64=8, c64=8)
+_ARRAY = re.compile(r'\b(' + '|'.join(_ITEM_BYTES) +
+                    r')\[([\d,]*)\](?:\{([^}]*)\})?')
+_INSTRUCTION = re.compile(
+    r'^\s*(?:ROOT )?%?([\w.\-]+) = (.*?) ([\w\-]+)\((.*?)\)(.*)$')
+# Instructions that move no bytes of their own (an async copy or slice is
+# counted at its start: it reads the source and writes the destination).
+_NO_TRAFFIC = frozenset({'parameter', 'constant', 'get-tuple-element',
+                         'tuple', 'bitcast', 'copy-done', 'slice-done',
+                         'after-all',
+                         'partition-id', 'replica-id'})
+
+
+def array_bytes(dtype: str, dims: str, layout_text: str):
+  """(logical bytes, bytes in the layout's tiles, memory space) of one HLO
+  array type such as f32[3,1024,1024,16]{3,2,1,0:T(8,128)}: the first tile
+  rounds up the most-minor dimensions (a 16-channel map in (8, 128) tiles
+  takes 8x its size); memory space 0 is HBM (S(1) is a TPU core's VMEM)."""
+  shape = [int(d) for d in dims.split(',') if d]
+  logical = _ITEM_BYTES[dtype] * int(np.prod(shape, dtype=np.int64))
+  space = re.search(r'S\((\d+)\)', layout_text or '')
+  tile = re.search(r'T\(([\d,]+)\)', layout_text or '')
+  if not (tile and shape):
+    return logical, logical, int(space.group(1)) if space else 0
+  order = [int(i) for i in layout_text.split(':')[0].split(',') if i]
+  minor_first = [shape[i] for i in order]
+  for j, t in enumerate(reversed([int(v) for v in tile.group(1).split(',')])):
+    if j < len(minor_first):
+      minor_first[j] = -(-minor_first[j] // t) * t
+  tiled = _ITEM_BYTES[dtype] * int(np.prod(minor_first, dtype=np.int64))
+  return logical, tiled, int(space.group(1)) if space else 0
+
+
+def _entry_lines(hlo_text: str) -> List[str]:
+  lines, inside = [], False
+  for line in hlo_text.splitlines():
+    if line.startswith('ENTRY'):
+      inside = True
+    elif inside and line.startswith('}'):
+      break
+    elif inside:
+      lines.append(line)
+  return lines
+
+
+def layer_of(op_name: str) -> str:
+  """The model layer an HLO op came from, from its op_name (Flax names its
+  modules' scopes): 'Decoder/block_8/conv1', or the last part otherwise."""
+  parts = [p for p in op_name.split('/') if p]
+  for i, p in enumerate(parts):
+    module = re.sub(r'^.*\((Encoder|Decoder)\)+$', r'\1', p)
+    if module in ('Encoder', 'Decoder'):
+      rest = [q for q in parts[i + 1:] if re.match(
+          r'^(block_\d+|conv_(in|out|expand)|conv\d|bn_in|bn\d|fc)$', q)]
+      return '/'.join([module] + rest[:2])
+  return parts[-1] if parts else '(copies without a source op)'
+
+
+def hbm_traffic(hlo_text: str) -> List[Dict]:
+  """Per instruction of the compiled program's entry computation: the HBM
+  bytes it reads and writes in the arrays' tiled layouts, its largest
+  output (logical and tiled bytes) and its layer. A model of traffic (each
+  HBM operand read once, each output written once), to set beside XLA's
+  'bytes accessed'."""
+  arrays, rows = {}, []
+  for line in _entry_lines(hlo_text):
+    m = _INSTRUCTION.match(line)
+    if not m:
+      continue
+    name, types, opcode, operands, rest = m.groups()
+    outs = [array_bytes(*t) for t in _ARRAY.findall(types)]
+    arrays[name] = outs
+    if opcode in _NO_TRAFFIC:
+      continue
+    reads = []
+    for operand in re.findall(r'%([\w.\-]+)', operands):
+      reads += arrays.get(operand, [])
+    if opcode == 'copy-start':  # (destination, source, context)
+      outs = outs[:1]
+    elif opcode == 'slice-start':  # ((source), destination, context)
+      reads, outs = [outs[1][:2] + (outs[0][2],)], outs[1:2]
+    in_hbm = lambda bufs: sum(tiled for _, tiled, space in bufs if space == 0)
+    op_name = re.search(r'op_name="([^"]*)"', rest)
+    largest = max(outs, key=lambda b: b[1], default=(0, 0, 0))
+    rows.append(dict(
+        opcode=opcode, read=in_hbm(reads), write=in_hbm(outs),
+        logical=largest[0], tiled=largest[1],
+        layer=layer_of(op_name.group(1) if op_name else '')))
+  return rows
+
+
+def traffic_by_layer(rows) -> List[Tuple[str, int]]:
+  """(layer, HBM bytes read and written) from `hbm_traffic`, largest
+  first."""
+  total = collections.Counter()
+  for r in rows:
+    total[r['layer']] += r['read'] + r['write']
+  return total.most_common()
+
+
 def fit_line(points) -> Tuple[float, float]:
   """(a, b) of peak = a + b * batch through two (batch, bytes) points."""
   (b1, y1), (b2, y2) = points
@@ -208,10 +312,15 @@ def figures(config, key: str, per_device: int, compiled) -> dict:
             else hardware.TPU_PASSES[config.precision])
   flops, traffic = xla_flops(compiled), xla_bytes(compiled)
   model = hardware.analytic_flops(config, per_device)
+  # What the MXU multiplies: the layers' widths padded to its tiles, in the
+  # config's layout (hardware.forward_flops).
+  mxu = hardware.analytic_flops(config, per_device,
+                                mxu_tile=hardware.MXU_TILE.get(key))
   # XLA's count leaves out the taps on 'SAME' padding that the MXU still
   # multiplies, and the model's leaves out remat: the chip does at least the
-  # larger (so the MFU bound stays <= 100%).
-  t_compute = max(flops, model) * passes / (chip.bf16_tflops * 1e12)
+  # larger (so the MFU bound stays <= 100%), times the padding's waste.
+  t_compute = (max(flops, model) * mxu / model * passes
+               / (chip.bf16_tflops * 1e12))
   t_hbm = traffic / (chip.hbm_gbps * 1e9)
   t = max(t_compute, t_hbm)
   return dict(
@@ -219,7 +328,8 @@ def figures(config, key: str, per_device: int, compiled) -> dict:
       state=state_bytes(config), arguments=m.argument_size_in_bytes,
       temporaries=m.temp_size_in_bytes, outputs=m.output_size_in_bytes,
       aliased=m.alias_size_in_bytes, peak=peak_bytes(compiled),
-      passes=passes, xla_flops=flops, model_flops=model, bytes=traffic,
+      passes=passes, xla_flops=flops, model_flops=model, mxu_flops=mxu,
+      bytes=traffic,
       t_compute=t_compute, t_hbm=t_hbm, t=t,
       images_per_s=per_device / t if t else float('inf'),
       mfu_bound=(model / (t * hardware.peak_flops(key, config.dtype,
@@ -265,7 +375,9 @@ def report(config, topology_name: str, compiled=None) -> str:
       f'peak: {gib(peak)} of {chip.hbm_gib} GiB ({100 * peak / hbm:.1f}%, '
       f'{100 * (1 - peak / hbm):.1f}% free)',
       f"FLOPs per step per chip: XLA {f['xla_flops']:.4g}, model "
-      f"{f['model_flops']:.4g} (ratio {f['xla_flops'] / f['model_flops']:.3f})",
+      f"{f['model_flops']:.4g} (ratio {f['xla_flops'] / f['model_flops']:.3f}"
+      f"), on the MXU's padded tiles {f['mxu_flops']:.4g} "
+      f"({f['mxu_flops'] / f['model_flops']:.2f}x the model's)",
       f"roofline step time: {ms(f['t'])} (compute {ms(f['t_compute'])} at "
       f"{f['passes']} pass{'es' if f['passes'] > 1 else ''}, HBM "
       f"{ms(f['t_hbm'])} for XLA's {f['bytes'] / GIB:.3f} GiB accessed), "
@@ -274,8 +386,28 @@ def report(config, topology_name: str, compiled=None) -> str:
       'The roofline is a bound from the peaks, not a measured TPU time; MFU '
       "counts the model's FLOPs against the peak of the run's arithmetic. "
       'Image-grid and evaluation programs are not included.',
-  ]
+  ] + where_bytes_go(compiled, per)
   return '\n'.join(lines)
+
+
+def where_bytes_go(compiled, per_device: int, top: int = 6) -> List[str]:
+  """Report lines: HBM traffic per image, the layers that move the most and
+  the largest arrays in HBM with their logical and tiled sizes
+  (`hbm_traffic`, a model of the traffic from the compiled program)."""
+  rows = hbm_traffic(compiled.as_text())
+  model = sum(r['read'] + r['write'] for r in rows)
+  gib = lambda x: f'{x / GIB:.2f} GiB'
+  lines = [
+      f'HBM traffic per image: {gib(xla_bytes(compiled) / per_device)} '
+      f"(XLA's count; the tiled arrays each read and written once: "
+      f'{gib(model / per_device)}).',
+      'traffic by layer, per image: ' + '; '.join(
+          f'{layer} {gib(b / per_device)}'
+          for layer, b in traffic_by_layer(rows)[:top]) + '.',
+      'largest arrays written to HBM (logical -> tiled): ' + '; '.join(
+          f"{r['layer']} {gib(r['logical'])} -> {gib(r['tiled'])}"
+          for r in sorted(rows, key=lambda r: -r['write'])[:top]) + '.']
+  return lines
 
 
 def main(argv):

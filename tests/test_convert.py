@@ -568,6 +568,7 @@ def trained_files():
   return {block: _trained(block) for block in ('introvae', 'soft_introvae')}
 
 
+@pytest.mark.slow  # trained_files: two minutes of training on 2 cores
 def test_import_refuses_a_file_of_the_other_block(trained_files):
   """Each paper's trained file imports under its own block; under the other
   it is refused, naming the block it fits. A fresh model (statistics never
@@ -596,6 +597,7 @@ def test_import_refuses_a_file_of_the_other_block(trained_files):
         {k: v for k, v in fresh.items()}, wrong)
 
 
+@pytest.mark.slow
 def test_their_file_through_the_command_line(trained_files, tmp_path):
   """Their `save_checkpoint` format in, refused under the default block with
   one line that says what to pass, imported with it, and exported back as

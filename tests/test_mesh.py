@@ -60,9 +60,18 @@ def run_mesh(config, state, xs):
   return state, metrics
 
 
+def _fast_for(model, objective):
+  """The conv model under IntroVAE in the fast suite; the rest (a minute of
+  compiles each on 2 cores) in the slow set."""
+  marks = () if (model, objective) == ('conv_sync_bn', 'introvae') else (
+      pytest.mark.slow,)
+  return pytest.param(model, objective, marks=marks)
+
+
 @MESH_X64
-@pytest.mark.parametrize('objective', sorted(objectives.REGISTRY))
-@pytest.mark.parametrize('model', ['mlp', 'conv_sync_bn'])
+@pytest.mark.parametrize('model, objective', [
+    _fast_for(model, objective) for model in ('mlp', 'conv_sync_bn')
+    for objective in sorted(objectives.REGISTRY)])
 def test_mesh_step_equals_single_device_step_float64(model, objective):
   """Every objective: the shell draws its noise for the global batch, so 4
   devices give the single device's numbers."""

@@ -79,6 +79,7 @@ def test_encoder_gradient_in_float32_with_avx2_code():
   _check_encoder_gradient()
 
 
+@pytest.mark.slow  # AVX2, the oldest ISA of current x86 servers, is fast
 @_isa('SSE4_2')
 def test_encoder_gradient_in_float32_with_sse4_2_code():
   _check_encoder_gradient()

@@ -102,6 +102,63 @@ def test_analytic_flops_of_a_one_level_model_by_hand():
   assert hardware.forward_flops(c, exact_taps=True) == (enc_x, dec_x)
 
 
+def test_mxu_flops_pad_widths_to_the_tile_by_hand():
+  """What the MXU multiplies: widths rounded up to its 128 tile, and with
+  space_to_depth the packed map's positions, taps and widths."""
+  c = tiny_config()              # 8 px, channels (4,), hdim 4, RGB
+  t = 128 * 128
+  # conv_in 5x5 at 8x8; block_1's two 3x3 at 4x4; fc 64 -> 8 as before.
+  enc = 2 * 64 * 25 * t + 2 * (2 * 16 * 9 * t) + 2 * 64 * 8
+  assert hardware.forward_flops(c, mxu_tile=128)[0] == enc
+  # Block 2 at 8 px: 4x4 positions, the 5x5 window within one block of each
+  # side (3x3 taps), 4*3 = 12 and 4*4 = 16 lanes, each padded to 128; the
+  # 4 px block is plain (block 1).
+  c.space_to_depth = 2
+  packed = 2 * 16 * 9 * t + 2 * (2 * 16 * 9 * t) + 2 * 64 * 8
+  assert hardware.forward_flops(c, mxu_tile=128)[0] == packed
+  assert hardware.forward_flops(c) == hardware.forward_flops(
+      tiny_config())  # the model's own FLOPs do not depend on the layout
+
+
+def test_array_bytes_round_the_minor_dimensions_up_to_the_tile():
+  mib = 2 ** 20
+  # A 16-channel map with channels minor: 8x its size in 128-lane tiles.
+  assert plan.array_bytes('f32', '1,1024,1024,16', '3,2,1,0:T(8,128)') == (
+      64 * mib, 512 * mib, 0)
+  # Width minor, channels second: 16 rows fill two 8-row tiles exactly.
+  assert plan.array_bytes('f32', '1,1024,1024,16', '2,3,1,0:T(8,128)') == (
+      64 * mib, 64 * mib, 0)
+  assert plan.array_bytes('bf16', '3,5', '1,0:T(8,128)(2,1)S(1)') == (
+      30, 8 * 128 * 2, 1)
+  assert plan.array_bytes('f32', '', '') == (4, 4, 0)
+
+
+T = '{1,0:T(8,128)}'
+HLO = '\n'.join([
+    'HloModule m',
+    'ENTRY %main (p: f32[8,16]) -> f32[8,16] {',
+    f'  %p = f32[8,16]{T} parameter(0), metadata={{op_name="x"}}',
+    f'  %fusion.1 = f32[8,16]{T} fusion(%p), kind=kLoop, metadata={{op_name='
+    '"jit(s)/jvp(Decoder)/block_8/conv1/conv_general_dilated"}',
+    '  %copy-start = (f32[8,16]{1,0:T(8,128)S(1)}, f32[8,16]{1,0:T(8,128)}, '
+    'u32[]{:S(2)}) copy-start(%fusion.1)',
+    '  %copy-done = f32[8,16]{1,0:T(8,128)S(1)} copy-done(%copy-start)',
+    f'  ROOT %fusion.2 = f32[8,16]{T} fusion(%copy-done, %p), kind=kLoop, '
+    'metadata={op_name="jit(s)/transpose(jvp(Encoder))/bn_in/add"}',
+    '}'])
+
+
+def test_hbm_traffic_reads_and_writes_each_tiled_hbm_array_once():
+  tile = 8 * 128 * 4          # f32[8,16] in one (8, 128) tile
+  rows = plan.hbm_traffic(HLO)
+  assert [(r['opcode'], r['read'], r['write'], r['layer']) for r in rows] == [
+      ('fusion', tile, tile, 'Decoder/block_8/conv1'),
+      ('copy-start', tile, 0, '(copies without a source op)'),  # to VMEM
+      ('fusion', tile, tile, 'Encoder/bn_in')]   # reads VMEM and p
+  assert rows[0]['logical'] == 8 * 16 * 4 and rows[0]['tiled'] == tile
+  assert plan.traffic_by_layer(rows)[0] == ('Decoder/block_8/conv1', 2 * tile)
+
+
 def test_oom_is_one_line_with_the_numbers_and_the_fix():
   text = ('RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of '
           'memory in memory space hbm. Used 15.91G of 15.75G hbm. Exceeded '

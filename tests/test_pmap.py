@@ -127,6 +127,7 @@ def test_indivisible_global_batch_is_a_clear_error():
     introvae_jax.shard_batch(tiny_batch(config))
 
 
+@pytest.mark.slow  # the mesh engine's float64 twin is in the fast suite
 @PMAP_X64
 @pytest.mark.parametrize('model', list(MODELS))
 def test_pmap_matches_single_device_float64(model):
