@@ -229,7 +229,9 @@ class Encoder(nn.Module):
 
   `space_to_depth` > 1 runs the high-resolution stages on packed maps
   (`layout`): full-resolution maps with that block, halved per stage down
-  to 1. The same parameters and, up to rounding, the same numbers."""
+  to 1. The same parameters and, up to rounding, the same numbers. With
+  `packed_io`, x comes packed already (the train step packs its batch once,
+  so no 3-channel image is stored in 128-lane tiles)."""
   channels: Sequence[int]
   hdim: int
   reference_layout: bool = True
@@ -241,21 +243,27 @@ class Encoder(nn.Module):
   bn_before_add: bool = False
   base: int = 4
   space_to_depth: int = 1
+  packed_io: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = True):
     chans = tuple(self.channels)
     size = image_size_for(chans, self.base)
-    if x.shape[1] != size or x.shape[2] != x.shape[1]:
-      raise ValueError(f'Encoder with channels={chans} and base={self.base} '
-                       f'expects {size}px square images, got {x.shape}.')
     at = functools.partial(layout.block_at, self.space_to_depth, size)
+    side = size // at(size) if self.packed_io else size
+    if x.shape[1] != side or x.shape[2] != x.shape[1]:
+      packed = f' packed with block {at(size)}' if self.packed_io else ''
+      raise ValueError(f'Encoder with channels={chans} and base={self.base} '
+                       f'expects {size}px square images{packed}, got '
+                       f'{x.shape}.')
+    if not self.packed_io:
+      x = layout.pack(x, at(size))
     block = lambda f, skip, px, name: _block(self.remat)(
         f, skip, self.bn_axis_name, self.conv_impl, self.dtype,
         self.precision, self.bn_before_add, at(px), name=name)
     px = size
     h = Conv(chans[0], 5, False, self.conv_impl, self.dtype, self.precision,
-             at(px), name='conv_in')(layout.pack(x, at(px)))
+             at(px), name='conv_in')(x)
     h = BatchNorm(axis_name=self.bn_axis_name, dtype=self.dtype,
                   block=at(px), name='bn_in')(h, not train)
     h = _pool(nn.leaky_relu(h, 0.2), at(px))
@@ -277,8 +285,8 @@ class Decoder(nn.Module):
   """z [B, hdim] -> image [B, H, W, image_channels] (linear output, float32).
 
   The dense layer writes a `base` x `base` map (Soft-IntroVAE sizes it as
-  the encoder's last map: 7 for their 28 px networks). `space_to_depth` as
-  in `Encoder`."""
+  the encoder's last map: 7 for their 28 px networks). `space_to_depth` and
+  `packed_io` (the output stays packed) as in `Encoder`."""
   channels: Sequence[int]
   hdim: int
   image_channels: int = 3
@@ -291,6 +299,7 @@ class Decoder(nn.Module):
   bn_before_add: bool = False
   base: int = 4
   space_to_depth: int = 1
+  packed_io: bool = False
 
   @nn.compact
   def __call__(self, z, train: bool = True):
@@ -316,7 +325,9 @@ class Decoder(nn.Module):
     h = block(chans[0], False, px, f'block_{len(chans)}')(h, train)
     out = Conv(self.image_channels, 5, True, self.conv_impl, self.dtype,
                self.precision, at(px), name='conv_out')(h)
-    return layout.unpack(out, at(px)).astype(_float(self.dtype))
+    if not self.packed_io:
+      out = layout.unpack(out, at(px))
+    return out.astype(_float(self.dtype))
 
 
 def _dense(features: int, owner: nn.Module, name: str) -> nn.Dense:
@@ -360,8 +371,10 @@ class MLPDecoder(nn.Module):
     return _dense(self.data_dim, self, 'fc_out')(h).astype(_float(self.dtype))
 
 
-def build_models(config, bn_axis_name: Optional[str] = None):
-  """(encoder, decoder) modules described by the model fields of `config`."""
+def build_models(config, bn_axis_name: Optional[str] = None,
+                 packed_io: bool = False):
+  """(encoder, decoder) modules described by the model fields of `config`;
+  `packed_io`: images in and out packed with `config.space_to_depth`."""
   m = config
   dtype = jnp.dtype(m.dtype)
   precision = jax.lax.Precision[m.precision.upper()]
@@ -375,7 +388,8 @@ def build_models(config, bn_axis_name: Optional[str] = None):
             conv_impl=m.conv_impl, dtype=dtype, remat=m.remat,
             precision=precision,
             bn_before_add=RESIDUAL_BLOCKS[m.residual_block],
-            base=m.base_size, space_to_depth=m.space_to_depth)
+            base=m.base_size, space_to_depth=m.space_to_depth,
+            packed_io=packed_io)
   return Encoder(**kw), Decoder(image_channels=m.image_channels, **kw)
 
 

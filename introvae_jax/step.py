@@ -29,6 +29,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from introvae_jax import layout
 from introvae_jax import models
 from introvae_jax import objectives
 from introvae_jax import parallel
@@ -179,7 +180,12 @@ def train_step(state: TrainState, batch, config: ml_collections.ConfigDict, *,
   x = jnp.asarray(x).astype(ct)
   bn_axis = axis_name if config.sync_batch_stats else None
   objective = objectives.get(config.objective)
-  nets = objectives.Nets(*models.build_models(config, bn_axis),
+  # In the space-to-depth layout the images stay packed through the
+  # objective (its losses sum over each image's pixels, in any order).
+  packed = config.arch == 'conv' and config.space_to_depth > 1
+  if packed:
+    x = layout.pack(x, config.space_to_depth)
+  nets = objectives.Nets(*models.build_models(config, bn_axis, packed),
                          *make_optimizers(config, state.step))
   if noise is None:
     noise = draw_noise(state.rng, state.step, x.shape[0], config.hdim,

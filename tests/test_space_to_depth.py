@@ -221,3 +221,44 @@ def test_steps_in_every_layout_float32(objective):
                          rtol=1e-5, atol_scale=1e-5,
                          what=f'{t} block {b} stats')
     state = expected
+
+
+@pytest.mark.slow
+def test_a_run_resumes_samples_and_exports_in_the_other_layout(tmp_path):
+  """The program end to end: 2 steps packed with block 4, resumed for 2 in
+  the plain layout (space_to_depth may change on resume), against 4 plain
+  steps; then the checkpoint samples and exports the authors' state_dict in
+  either layout."""
+  torch = pytest.importorskip('torch')
+  import train_utils  # pylint: disable=g-import-not-at-top
+  from introvae_jax import convert, sampling, train  # pylint: disable=g-import-not-at-top
+  config = train_utils.tiny_config(num_train_steps=4, checkpoint_every_steps=2,
+                                   log_every_steps=2, image_every_steps=100)
+  plain = train.train_and_evaluate(config, str(tmp_path / 'plain'))
+  first = config.copy_and_resolve_references()
+  first.num_train_steps, first.space_to_depth = 2, 4
+  mixed_dir = str(tmp_path / 'mixed')
+  train.train_and_evaluate(first, mixed_dir)
+  mixed = train.train_and_evaluate(config, mixed_dir)
+  assert int(mixed.step) == 4
+  # Float32 rounding differs between the layouts; Adam moves an element by
+  # at most about lr per step, so 4 steps stay within a few lr.
+  for got, want in zip(jax.tree_util.tree_leaves((mixed.params_e,
+                                                  mixed.params_g)),
+                       jax.tree_util.tree_leaves((plain.params_e,
+                                                  plain.params_g))):
+    assert np.max(np.abs(np.asarray(got) - np.asarray(want))) <= 4 * config.lr_e
+  z = np.random.RandomState(0).randn(3, config.hdim).astype(np.float32)
+  packed = first.copy_and_resolve_references()
+  packed.num_train_steps = 4
+  np.testing.assert_allclose(
+      sampling.decode(mixed, z, packed, use_running_average=True),
+      sampling.decode(mixed, z, config, use_running_average=True),
+      rtol=1e-5, atol=1e-5)
+  out = str(tmp_path / 'mixed.pth')
+  convert.export_reference(mixed_dir, out)
+  exported = torch.load(out, weights_only=True)
+  expected = convert.export_state_dict(mixed)
+  assert exported.keys() == expected.keys()
+  for name, value in expected.items():
+    np.testing.assert_array_equal(exported[name].numpy(), value.numpy())
