@@ -14,7 +14,12 @@ read back, per device:
 * FLOPs per step from XLA (with remat's recomputation) and the analytic
   model FLOPs of the objective's iteration (`hardware`);
 * the roofline step time max(FLOPs x passes / bf16 peak, bytes / bandwidth)
-  and images/s: a lower bound from the chip's peaks, not a measured time;
+  and images/s: a lower bound from the chip's peaks, not a measured time.
+  FLOPs are what the MXU multiplies (widths padded to its tiles); bytes are
+  XLA's 'bytes accessed' (every memory space: the conservative bound) and,
+  beside it, the traffic of the arrays XLA placed in HBM;
+* where the bytes go: traffic per image, by layer, and the largest arrays
+  with their logical and tiled sizes;
 * with --fit, the largest batch per device that fits, from a memory line
   through two compiles (`memory_line`), checked by one more compile.
 
@@ -323,15 +328,22 @@ def figures(config, key: str, per_device: int, compiled) -> dict:
                / (chip.bf16_tflops * 1e12))
   t_hbm = traffic / (chip.hbm_gbps * 1e9)
   t = max(t_compute, t_hbm)
+  # XLA's 'bytes accessed' sums every op's operands and outputs in every
+  # memory space (docs/tpu.md, "Where the bytes go"); the arrays XLA placed
+  # in HBM are the traffic HBM bandwidth bounds: a second, tighter bound.
+  hbm_arrays = sum(r['read'] + r['write']
+                   for r in hbm_traffic(compiled.as_text()))
+  t_arrays = max(t_compute, hbm_arrays / (chip.hbm_gbps * 1e9))
   return dict(
       per_device=per_device, hbm=chip.hbm_gib * GIB,
       state=state_bytes(config), arguments=m.argument_size_in_bytes,
       temporaries=m.temp_size_in_bytes, outputs=m.output_size_in_bytes,
       aliased=m.alias_size_in_bytes, peak=peak_bytes(compiled),
       passes=passes, xla_flops=flops, model_flops=model, mxu_flops=mxu,
-      bytes=traffic,
-      t_compute=t_compute, t_hbm=t_hbm, t=t,
+      bytes=traffic, hbm_arrays=hbm_arrays,
+      t_compute=t_compute, t_hbm=t_hbm, t=t, t_arrays=t_arrays,
       images_per_s=per_device / t if t else float('inf'),
+      images_per_s_arrays=per_device / t_arrays if t_arrays else float('inf'),
       mfu_bound=(model / (t * hardware.peak_flops(key, config.dtype,
                                                   config.precision))
                  if t else float('nan')))
@@ -383,6 +395,10 @@ def report(config, topology_name: str, compiled=None) -> str:
       f"{ms(f['t_hbm'])} for XLA's {f['bytes'] / GIB:.3f} GiB accessed), "
       f"{f['images_per_s']:.1f} images/s per chip, MFU at most "
       f"{100 * f['mfu_bound']:.1f}%",
+      f"with the HBM arrays' traffic ({f['hbm_arrays'] / GIB:.3f} GiB; "
+      "XLA's count also holds the arrays it keeps in VMEM): "
+      f"{ms(f['t_arrays'])}, {f['images_per_s_arrays']:.1f} images/s per "
+      'chip',
       'The roofline is a bound from the peaks, not a measured TPU time; MFU '
       "counts the model's FLOPs against the peak of the run's arithmetic. "
       'Image-grid and evaluation programs are not included.',
@@ -398,10 +414,11 @@ def where_bytes_go(compiled, per_device: int, top: int = 6) -> List[str]:
   model = sum(r['read'] + r['write'] for r in rows)
   gib = lambda x: f'{x / GIB:.2f} GiB'
   lines = [
-      f'HBM traffic per image: {gib(xla_bytes(compiled) / per_device)} '
-      f"(XLA's count; the tiled arrays each read and written once: "
-      f'{gib(model / per_device)}).',
-      'traffic by layer, per image: ' + '; '.join(
+      f'bytes per image: {gib(xla_bytes(compiled) / per_device)} '
+      "(XLA's count); HBM traffic per image: "
+      f'{gib(model / per_device)} (the HBM arrays, tiled, each read and '
+      'written once per op).',
+      'HBM traffic by layer, per image: ' + '; '.join(
           f'{layer} {gib(b / per_device)}'
           for layer, b in traffic_by_layer(rows)[:top]) + '.',
       'largest arrays written to HBM (logical -> tiled): ' + '; '.join(

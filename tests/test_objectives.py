@@ -103,7 +103,9 @@ def test_a_diverging_soft_introvae_run_gives_its_own_advice(tmp_path):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
 
 
-@pytest.mark.parametrize('name', sorted(objectives.REGISTRY))
+@pytest.mark.parametrize('name', [
+    pytest.param(n, marks=() if n == 'introvae' else (pytest.mark.slow,))
+    for n in sorted(objectives.REGISTRY)])  # one compile each: the rest slow
 def test_model_flops_match_xlas_count_of_the_step(name):
   """Each objective's PASSES (forward-pass equivalents per example) times
   the layer-shape count of the networks (taps on 'SAME' padding left out,

@@ -386,7 +386,8 @@ X64 = in_subprocess('x64', {'JAX_ENABLE_X64': '1'})
 
 
 @X64
-@pytest.mark.parametrize('phase', ['adversarial', 'warmup'])
+@pytest.mark.parametrize('phase', [
+    'adversarial', pytest.param('warmup', marks=pytest.mark.slow)])
 def test_three_iterations_match_in_float64(phase):
   """Parameters, Adam moments and BatchNorm statistics after each of three
   iterations (warmup: num_vae_steps=3, then one more across the switch).
