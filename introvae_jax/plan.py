@@ -1,7 +1,7 @@
 """Plans a TPU run on any host: compiles the real train step for a topology.
 
   python -m introvae_jax.plan --config=configs/ffhq1024.py --topology=v5e:2x2 \
-      [--fit] [--config.remat=True ...]
+      [--fit] [--config.remat=True ...] [--against=space_to_depth=1,...]
 
 libtpu compiles for a named TPU topology on a CPU-only host (compile-only
 devices), so the mesh step the training program runs (`make_train_step`,
@@ -21,7 +21,9 @@ read back, per device:
 * where the bytes go: traffic per image, by layer, and the largest arrays
   with their logical and tiled sizes;
 * with --fit, the largest batch per device that fits, from a memory line
-  through two compiles (`memory_line`), checked by one more compile.
+  through two compiles (`memory_line`), checked by one more compile;
+* with --against, the config with those changes planned too, and the two
+  side by side (`side_by_side`).
 
 Under pure data parallelism the per-device program depends only on the
 per-device batch, not on the slice size, so one compile per chip generation
@@ -32,6 +34,7 @@ compiled separately and run between steps, when the step's temporaries are
 freed; their memory on top of the state is not planned here.
 """
 
+import ast
 import collections
 import os
 import re
@@ -427,6 +430,46 @@ def where_bytes_go(compiled, per_device: int, top: int = 6) -> List[str]:
   return lines
 
 
+def with_changes(config, changes):
+  """A copy of `config` with 'field=value' changes (Python literals, or
+  strings), validated; a wrong field or value is one `UserError`."""
+  config = config.copy_and_resolve_references()
+  for change in changes:
+    name, _, text = change.partition('=')
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    try:
+      setattr(config, name, value)
+    except (AttributeError, KeyError, TypeError) as e:
+      raise UserError(f'--against={change}: {e}') from e
+  configuration.validate(config)
+  return config
+
+
+def side_by_side(reports) -> str:
+  """The main figures of several plans (name -> `figures` dict) as a
+  table, one column each."""
+  gib = lambda x: f'{x / GIB:.2f} GiB'
+  ms = lambda x: f'{x * 1e3:.1f} ms'
+  rows = [('peak HBM', 'peak', gib), ("bytes (XLA's count)", 'bytes', gib),
+          ('HBM arrays traffic', 'hbm_arrays', gib),
+          ('MXU FLOPs', 'mxu_flops', lambda x: f'{x / 1e12:.2f} T'),
+          ('compute bound', 't_compute', ms), ('HBM bound (XLA)', 't_hbm', ms),
+          ('images/s per chip (XLA bytes)', 'images_per_s',
+           lambda x: f'{x:.1f}'),
+          ('images/s per chip (HBM arrays)', 'images_per_s_arrays',
+           lambda x: f'{x:.1f}')]
+  names = list(reports)
+  lines = ['| | ' + ' | '.join(names) + ' |',
+           '|---' * (len(names) + 1) + '|']
+  for label, key, fmt in rows:
+    lines.append(f'| {label} | ' + ' | '.join(
+        fmt(reports[n][key]) for n in names) + ' |')
+  return '\n'.join(lines)
+
+
 def main(argv):
   """CLI body: `cli.run(main)` with --config and --topology."""
   del argv
@@ -446,6 +489,16 @@ def main(argv):
   compiled = compile_step(config, flags_.topology)
   print(f'compiled in {time.time() - t0:.1f} s')
   print(report(config, flags_.topology, compiled))
+  if flags_.against:
+    other = with_changes(config, flags_.against)
+    compiled_other = compile_step(other, flags_.topology)
+    print(report(other, flags_.topology, compiled_other))
+    key = flags_.topology.split(':')[0].split('-')[0].lower()
+    per = configuration.check_batch_divides(
+        config.batch_size, len(topology(flags_.topology).devices))
+    print(side_by_side({
+        'config': figures(config, key, per, compiled),
+        ','.join(flags_.against): figures(other, key, per, compiled_other)}))
   if flags_.fit:
     line = memory_line(config, flags_.topology, compiled)
     checked = line['checked']
@@ -466,6 +519,9 @@ def _define_flags():
                       'v4:2x2x1, v5p:2x2x1, v6e:2x2.')
   flags.DEFINE_bool('fit', False, 'Also fit the memory line (two more '
                     'compiles and a check).')
+  flags.DEFINE_list('against', [], 'Also plan the config with these changes '
+                    '(field=value,...) and print the two side by side, e.g. '
+                    '--against=space_to_depth=1.')
   flags.mark_flags_as_required(['config'])
 
 

@@ -257,3 +257,25 @@ def test_a_step_too_large_for_hbm_is_one_line_with_xlas_numbers():
   assert '1048576 images per device needs' in message, message
   used = re.search(r'needs ([\d.]+)G of ([\d.]+)G HBM', message)
   assert used and float(used.group(1)) > float(used.group(2)), message
+
+
+def test_against_changes_a_copy_and_refuses_unknown_fields():
+  c = tiny_config(image_size=16, channels=(4, 8))
+  other = plan.with_changes(c, ['space_to_depth=2', 'precision=default'])
+  assert (other.space_to_depth, other.precision) == (2, 'default')
+  assert (c.space_to_depth, c.precision) == (1, 'highest')
+  with pytest.raises(UserError, match='--against=space_to_dept=2'):
+    plan.with_changes(c, ['space_to_dept=2'])
+  with pytest.raises(ValueError, match='space_to_depth'):
+    plan.with_changes(c, ['space_to_depth=3'])
+
+
+def test_side_by_side_puts_each_plan_in_a_column():
+  f = dict(peak=GIB, bytes=2 * GIB, hbm_arrays=GIB, mxu_flops=3e12,
+           t_compute=0.01, t_hbm=0.02, images_per_s=50.0,
+           images_per_s_arrays=100.0)
+  text = plan.side_by_side({'a': f, 'b': dict(f, peak=2 * GIB)})
+  lines = text.splitlines()
+  assert lines[0] == '| | a | b |'
+  assert '| peak HBM | 1.00 GiB | 2.00 GiB |' in lines
+  assert '| images/s per chip (HBM arrays) | 100.0 | 100.0 |' in lines
