@@ -164,7 +164,8 @@ class Conv(nn.Module):
     if self.use_bias:
       bias = self.param('bias', nn.initializers.zeros, (self.features,),
                         _float(self.dtype))
-      y = y + jnp.tile(bias.astype(self.dtype), bb)
+      bias = bias.astype(self.dtype)
+      y = y + (jnp.tile(bias, bb) if bb > 1 else bias)
     return y
 
 
