@@ -84,8 +84,8 @@ def _plain_conv(x, kernel, bias):
       precision=jax.lax.Precision.HIGHEST) + bias
 
 
-def _module_conv(x, kernel, bias, b):
-  conv = models.Conv(5, kernel.shape[0], True, dtype=x.dtype,
+def _module_conv(x, kernel, bias, b, impl='xla'):
+  conv = models.Conv(5, kernel.shape[0], True, impl, dtype=x.dtype,
                      precision=jax.lax.Precision.HIGHEST, block=b)
   y = conv.apply({'params': {'kernel': kernel, 'bias': bias}},
                  layout.pack(x, b))
@@ -93,16 +93,17 @@ def _module_conv(x, kernel, bias, b):
 
 
 @X64
+@pytest.mark.parametrize('impl', ('xla', 'im2col'))
 @pytest.mark.parametrize('k', (1, 3, 5))
-def test_packed_convolution_is_the_convolution_float64(k):
+def test_packed_convolution_is_the_convolution_float64(k, impl):
   assert jax.config.jax_enable_x64
   for b in BLOCKS:
     x, kernel, bias, w = _conv_case(k, b, jnp.float64)
-    np.testing.assert_allclose(_module_conv(x, kernel, bias, b),
+    np.testing.assert_allclose(_module_conv(x, kernel, bias, b, impl),
                                _plain_conv(x, kernel, bias), rtol=1e-12,
                                atol=1e-12)
     loss = lambda f: lambda *a: jnp.sum(f(*a) * w)
-    got = jax.grad(loss(functools.partial(_module_conv, b=b)),
+    got = jax.grad(loss(functools.partial(_module_conv, b=b, impl=impl)),
                    argnums=(0, 1, 2))(x, kernel, bias)
     expected = jax.grad(loss(_plain_conv), argnums=(0, 1, 2))(x, kernel, bias)
     assert_trees_close(got, expected, rtol=1e-12, atol_scale=1e-12,
