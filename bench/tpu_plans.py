@@ -124,21 +124,37 @@ def plan_row(recipe, topology, overrides):
   return record
 
 
+def current_figures(record):
+  """A stored plan's figures with the roofline recomputed by today's
+  `plan.roofline` from its stored counts (the bound's rule may change
+  without a compile)."""
+  from introvae_jax import hardware, plan  # pylint: disable=g-import-not-at-top
+  f = dict(record['figures'])
+  config = config_for(record['recipe'], record['overrides'])
+  if 'laid_out_flops' not in f:  # stored before the count existed
+    f['laid_out_flops'] = hardware.analytic_flops(config, f['per_device'],
+                                                  mxu_tile=1)
+  key = record['topology'].split(':')[0].lower()
+  f.update(plan.roofline(f, key, config.dtype, config.precision))
+  return f
+
+
 def table() -> str:
   """The docs table from every stored plan, one row each."""
   gib = 1024 ** 3
   lines = ['| row (recipe@topology+changes) | images per chip | precision, '
-           'dtype, layout | peak HBM (free) | bytes per step: XLA (HBM '
+           'dtype, remat, layout | peak HBM (free) | bytes per step: XLA (HBM '
            'arrays) | MXU FLOPs (x model) | roofline ms: compute; XLA bytes '
            '(HBM arrays) | images/s per chip: XLA bytes (HBM arrays) |',
            '|---|---|---|---|---|---|---|---|']
   for name in sorted(n[:-5] for n in os.listdir(OUT) if n.endswith('.json')):
     r = stored(name)
-    f = r['figures']
+    f = current_figures(r)
     config = config_for(r['recipe'], r['overrides'])
     lines.append(
         f"| `{name}` | {f['per_device']} | {config.precision}, "
-        f'{config.dtype}, space_to_depth {config.space_to_depth} | '
+        f'{config.dtype}, remat {config.remat}, space_to_depth '
+        f'{config.space_to_depth} | '
         f"{f['peak'] / gib:.2f} of {f['hbm'] / gib:.0f} GiB "
         f"({100 * (1 - f['peak'] / f['hbm']):.0f}%) | "
         f"{f['bytes'] / gib:.1f} ({f['hbm_arrays'] / gib:.1f}) GiB | "

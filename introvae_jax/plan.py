@@ -314,41 +314,51 @@ def memory_line(config, topology_name: str, compiled=None, check=True):
 def figures(config, key: str, per_device: int, compiled) -> dict:
   """The plan's numbers for one chip of kind `key` (hardware.CHIPS) running
   `compiled` on `per_device` images: bytes, FLOPs, seconds."""
-  chip = hardware.CHIPS[key]
   m = compiled.memory_analysis()
-  passes = (1 if config.dtype == 'bfloat16'
-            else hardware.TPU_PASSES[config.precision])
-  flops, traffic = xla_flops(compiled), xla_bytes(compiled)
-  model = hardware.analytic_flops(config, per_device)
-  # What the MXU multiplies: the layers' widths padded to its tiles, in the
-  # config's layout (hardware.forward_flops).
-  mxu = hardware.analytic_flops(config, per_device,
-                                mxu_tile=hardware.MXU_TILE.get(key))
-  # XLA's count leaves out the taps on 'SAME' padding that the MXU still
-  # multiplies, and the model's leaves out remat: the chip does at least the
-  # larger (so the MFU bound stays <= 100%), times the padding's waste.
-  t_compute = (max(flops, model) * mxu / model * passes
-               / (chip.bf16_tflops * 1e12))
-  t_hbm = traffic / (chip.hbm_gbps * 1e9)
-  t = max(t_compute, t_hbm)
-  # XLA's 'bytes accessed' sums every op's operands and outputs in every
-  # memory space (docs/tpu.md, "Where the bytes go"); the arrays XLA placed
-  # in HBM are the traffic HBM bandwidth bounds: a second, tighter bound.
-  hbm_arrays = sum(r['read'] + r['write']
-                   for r in hbm_traffic(compiled.as_text()))
-  t_arrays = max(t_compute, hbm_arrays / (chip.hbm_gbps * 1e9))
-  return dict(
-      per_device=per_device, hbm=chip.hbm_gib * GIB,
+  counts = dict(
+      per_device=per_device, hbm=hardware.CHIPS[key].hbm_gib * GIB,
       state=state_bytes(config), arguments=m.argument_size_in_bytes,
       temporaries=m.temp_size_in_bytes, outputs=m.output_size_in_bytes,
       aliased=m.alias_size_in_bytes, peak=peak_bytes(compiled),
-      passes=passes, xla_flops=flops, model_flops=model, mxu_flops=mxu,
-      bytes=traffic, hbm_arrays=hbm_arrays,
+      passes=(1 if config.dtype == 'bfloat16'
+              else hardware.TPU_PASSES[config.precision]),
+      xla_flops=xla_flops(compiled),
+      model_flops=hardware.analytic_flops(config, per_device),
+      # What the MXU multiplies: the layers' widths padded to its tiles, in
+      # the config's layout (hardware.forward_flops), and what XLA counts of
+      # the same layers (the packed layout's zero taps, no lane padding).
+      mxu_flops=hardware.analytic_flops(config, per_device,
+                                        mxu_tile=hardware.MXU_TILE.get(key)),
+      laid_out_flops=hardware.analytic_flops(config, per_device, mxu_tile=1),
+      bytes=xla_bytes(compiled),
+      # XLA's 'bytes accessed' sums every op's operands and outputs in every
+      # memory space (docs/tpu.md, "Where the bytes go"); the arrays XLA
+      # placed in HBM are what HBM bandwidth bounds: a second, tighter bound.
+      hbm_arrays=sum(r['read'] + r['write']
+                     for r in hbm_traffic(compiled.as_text())))
+  return dict(counts, **roofline(counts, key, config.dtype, config.precision))
+
+
+def roofline(counts: dict, key: str, dtype: str, precision: str) -> dict:
+  """Step-time bounds on chip `key` from a plan's counts (`figures`; also
+  what bench/tpu_plans.py stores): seconds, images/s and the MFU bound."""
+  chip = hardware.CHIPS[key]
+  flops, laid_out = counts['xla_flops'], counts['laid_out_flops']
+  # XLA's count leaves out the taps on 'SAME' padding that the MXU still
+  # multiplies, and the layer count leaves out remat: the chip does at least
+  # the larger (so the MFU bound stays <= 100%), times the lane padding.
+  t_compute = (max(flops, laid_out) * counts['mxu_flops'] / laid_out
+               * counts['passes'] / (chip.bf16_tflops * 1e12))
+  t_hbm = counts['bytes'] / (chip.hbm_gbps * 1e9)
+  t = max(t_compute, t_hbm)
+  t_arrays = max(t_compute, counts['hbm_arrays'] / (chip.hbm_gbps * 1e9))
+  per = counts['per_device']
+  return dict(
       t_compute=t_compute, t_hbm=t_hbm, t=t, t_arrays=t_arrays,
-      images_per_s=per_device / t if t else float('inf'),
-      images_per_s_arrays=per_device / t_arrays if t_arrays else float('inf'),
-      mfu_bound=(model / (t * hardware.peak_flops(key, config.dtype,
-                                                  config.precision))
+      images_per_s=per / t if t else float('inf'),
+      images_per_s_arrays=per / t_arrays if t_arrays else float('inf'),
+      mfu_bound=(counts['model_flops'] / (
+          t * hardware.peak_flops(key, dtype, precision))
                  if t else float('nan')))
 
 

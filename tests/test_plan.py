@@ -279,3 +279,22 @@ def test_side_by_side_puts_each_plan_in_a_column():
   assert lines[0] == '| | a | b |'
   assert '| peak HBM | 1.00 GiB | 2.00 GiB |' in lines
   assert '| images/s per chip (HBM arrays) | 100.0 | 100.0 |' in lines
+
+
+def test_roofline_charges_the_padded_tiles_once():
+  """Compute: the larger of XLA's FLOPs and the layers' count in their
+  layout, times the lane padding's waste (mxu / laid_out), at the passes;
+  HBM: XLA's bytes, and the HBM arrays' traffic for the tighter bound."""
+  counts = dict(per_device=3, passes=1, model_flops=2e12, xla_flops=10e12,
+                laid_out_flops=8e12, mxu_flops=12e12, bytes=819e9,
+                hbm_arrays=409.5e9)
+  r = plan.roofline(counts, 'v5e', 'float32', 'default')
+  assert r['t_compute'] == pytest.approx(10e12 * 1.5 / 197e12)
+  assert r['t_hbm'] == pytest.approx(1.0) and r['t'] == r['t_hbm']
+  assert r['t_arrays'] == pytest.approx(0.5)
+  assert r['images_per_s'] == pytest.approx(3.0)
+  assert r['mfu_bound'] == pytest.approx(2e12 / 197e12)
+  # At 6 passes the compute side grows sixfold and bounds the step.
+  r = plan.roofline(dict(counts, passes=6, xla_flops=30e12), 'v5e',
+                    'float32', 'highest')
+  assert r['t'] == r['t_compute'] == pytest.approx(6 * 45e12 / 197e12)
