@@ -39,15 +39,17 @@ SOURCES = ('models.py', 'layout.py', 'step.py', 'losses.py', 'parallel.py',
            'objectives/soft_introvae.py', 'objectives/vae.py')
 
 # (recipe, topology, overrides): the image recipes as they ship, and the
-# layouts and dtypes measured beside them (docs/tpu.md, "Where the bytes
-# go"). FFHQ and CelebA-HQ recipes of one size compile to one program.
+# layouts, remat and dtypes measured beside them (docs/tpu.md, "Where the
+# bytes go"; the 0.3.0 1024 px recipe was space_to_depth=1, remat=True).
+# FFHQ and CelebA-HQ recipes of one size compile to one program.
 ROWS = (
     [(r, t, {}) for r in ('ffhq1024', 'celebahq256')
      for t in ('v5e:2x2', 'v5p:2x2x1', 'v4:2x2x1')]
     + [(r, 'v5e:2x2', {}) for r in ('default', 'faces', 'cifar10')]
-    + [('ffhq1024', 'v5e:2x2', {'space_to_depth': 1}),
-       ('ffhq1024', 'v5e:2x2', {'space_to_depth': 1, 'dtype': 'bfloat16'}),
-       ('celebahq256', 'v5e:2x2', {'space_to_depth': 1})])
+    + [('ffhq1024', 'v5e:2x2', {'space_to_depth': 1, 'remat': True}),
+       ('ffhq1024', 'v5e:2x2', {'remat': True}),
+       ('ffhq1024', 'v5e:2x2', {'dtype': 'bfloat16'}),
+       ('celebahq256', 'v5e:2x2', {'space_to_depth': 2})])
 
 flags.DEFINE_list('rows', [], 'Rows to plan, as recipe@topology[+field=value'
                   '...]; default: every row of ROWS.')
