@@ -16,6 +16,7 @@ def get_config():
   c.image_size = 1024
   c.channels = channels_for(1024)  # (16, 32, 64, 128, 256, 512, 512, 512)
   c.hdim = 512
+  c.init = 'pytorch'               # torch's default initialisation, as theirs
   c.batch_size = 12                # reference: 12 over 4 GPUs
   # 3 images per 16 GiB v5e chip (docs/tpu.md, "Planning a TPU run"): remat
   # recomputes block activations in the backward pass (the same numbers;

@@ -17,6 +17,7 @@ def get_config():
   c.image_size = 256
   c.channels = channels_for(256)   # (32, 64, 128, 256, 512, 512)
   c.hdim = 512
+  c.init = 'pytorch'               # torch's default initialisation, as theirs
   c.batch_size = 16                # reference: 16 on 1 GPU
   c.m_plus = 120.0
   c.weight_rec = 0.05

@@ -37,6 +37,7 @@ def get_config():
   c.channels = (64, 128, 256, 512, 512, 512)
   c.hdim = 256
   c.residual_block, c.reference_layout = 'soft_introvae', False
+  c.init = 'pytorch'  # torch's default initialisation, as theirs
   c.random_flip = True
   c.objective = 'soft_introvae'
   c.soft_introvae.update(beta_rec=0.5, beta_kl=1.0, beta_neg=1024.0)

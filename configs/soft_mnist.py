@@ -27,6 +27,7 @@ def get_config():
   c.channels, c.base_size = (64, 128), 7
   c.hdim = 32
   c.residual_block, c.reference_layout = 'soft_introvae', False
+  c.init = 'pytorch'  # torch's default initialisation, as theirs
   c.random_flip = False
   c.objective = 'soft_introvae'
   c.soft_introvae.update(beta_rec=1.0, beta_kl=1.0, beta_neg=256.0)

@@ -201,6 +201,9 @@ def base_config() -> ml_collections.ConfigDict:
                                 # (checkpoints).
   c.residual_block = 'introvae'  # BN after the skip add; 'soft_introvae':
                                  # bn2 before it (Soft-IntroVAE's networks).
+  c.init = 'flax'               # conv/dense parameters at the start: flax's
+                                # defaults, or 'pytorch' (torch's, which the
+                                # authors' code keeps: models.initializers).
   c.dtype = 'float32'           # computation dtype ('bfloat16': params,
                                 # optimiser state, BN statistics and losses
                                 # stay float32).
@@ -323,6 +326,9 @@ CONSTRAINTS = {
     'hdim': _COUNT,
     'reference_layout': Bool(),
     'residual_block': Choice(tuple(models.RESIDUAL_BLOCKS)),
+    # Part of the identity, though a resume restores the parameters: the
+    # run's config.json keeps saying how its parameters started.
+    'init': Choice(models.INITS),
     'dtype': Choice(DTYPES),
     'conv_impl': Choice(('xla', 'im2col')),
     'space_to_depth': Choice((1, 2, 4, 8)),

@@ -3,7 +3,8 @@
 The convolutional models follow the authors' `networks.py` (hhb072/IntroVAE):
 residual blocks with BatchNorm and LeakyReLU(0.2) after the skip addition,
 average-pool downsampling, nearest-neighbour upsampling and a linear output.
-All state lives in the variables `params` and `batch_stats`.
+All state lives in the variables `params` and `batch_stats`. Convolution
+and dense parameters start from flax's defaults or PyTorch's (`INITS`).
 """
 
 import functools
@@ -31,6 +32,9 @@ RESIDUAL_BLOCKS = {'introvae': False, 'soft_introvae': True}
 
 # PyTorch's BatchNorm momentum: weight of the new batch in the running stats.
 BN_MOMENTUM = 0.1
+
+# config.init: how convolution and dense parameters start (`initializers`).
+INITS = ('flax', 'pytorch')
 
 
 def channels_for(image_size: int) -> Tuple[int, ...]:
@@ -62,6 +66,31 @@ def _has_skip_conv(c_in: int, c_out: int, from_two_entries: bool,
 def _float(dtype):
   """Parameter/statistics dtype: float32, or float64 for a float64 model."""
   return jnp.promote_types(dtype, jnp.float32)
+
+
+def _uniform(bound: float):
+  """An initializer drawing U(-bound, bound)."""
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+def initializers(init: str, fan_in: int):
+  """(kernel_init, bias_init) of a convolution or dense layer with `fan_in`
+  inputs per output (k * k * in_channels, or in_features).
+
+  'flax': flax's defaults, LeCun normal and zeros. 'pytorch': the defaults
+  of torch's `nn.Conv2d` and `nn.Linear` (`reset_parameters`), which the
+  authors' code keeps: weights kaiming_uniform_(a=sqrt(5)), whose bound
+  gain * sqrt(3 / fan_in) with gain sqrt(2 / (1 + 5)) is 1 / sqrt(fan_in),
+  and biases U(-1 / sqrt(fan_in), 1 / sqrt(fan_in)) too.
+  """
+  if init == 'flax':
+    return nn.initializers.lecun_normal(), nn.initializers.zeros
+  if init == 'pytorch':
+    bound = 1.0 / fan_in ** 0.5
+    return _uniform(bound), _uniform(bound)
+  raise ValueError(f'config.init must be one of {INITS}, got {init!r}.')
 
 
 class BatchNorm(nn.Module):
@@ -128,7 +157,8 @@ class Conv(nn.Module):
   this project's AMD EPYC (Zen 4) CPUs it also beats im2col (64 px reference
   step, batch 16: 11.8 vs 14.8 s, 1.6 vs 6.0 GiB of XLA temporaries).
   On a map packed with `block`, the same parameters act through
-  `layout.packed_kernel`, and the output is packed too.
+  `layout.packed_kernel`, and the output is packed too. `param_init`: how
+  the parameters start (`initializers`).
   """
   features: int
   kernel_size: int
@@ -137,13 +167,16 @@ class Conv(nn.Module):
   dtype: Any = jnp.float32
   precision: Any = None
   block: int = 1
+  param_init: str = 'flax'
 
   @nn.compact
   def __call__(self, x):
     pr, bb = self.precision, self.block * self.block
-    kernel = self.param('kernel', nn.initializers.lecun_normal(),
-                        (self.kernel_size, self.kernel_size, x.shape[-1] // bb,
-                         self.features), _float(self.dtype))
+    shape = (self.kernel_size, self.kernel_size, x.shape[-1] // bb,
+             self.features)
+    kernel_init, bias_init = initializers(self.param_init,
+                                          shape[0] * shape[1] * shape[2])
+    kernel = self.param('kernel', kernel_init, shape, _float(self.dtype))
     x = x.astype(self.dtype)
     kernel = layout.packed_kernel(kernel.astype(self.dtype), self.block)
     k, features = kernel.shape[0], kernel.shape[-1]
@@ -162,7 +195,7 @@ class Conv(nn.Module):
           x, kernel, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
           precision=pr)
     if self.use_bias:
-      bias = self.param('bias', nn.initializers.zeros, (self.features,),
+      bias = self.param('bias', bias_init, (self.features,),
                         _float(self.dtype))
       bias = bias.astype(self.dtype)
       y = y + (jnp.tile(bias, bb) if bb > 1 else bias)
@@ -182,11 +215,13 @@ class ResidualBlock(nn.Module):
   precision: Any = None
   bn_before_add: bool = False
   block: int = 1
+  param_init: str = 'flax'
 
   @nn.compact
   def __call__(self, x, train: bool = True):
     conv = lambda f, k, name: Conv(f, k, False, self.conv_impl, self.dtype,
-                                   self.precision, self.block, name=name)
+                                   self.precision, self.block, self.param_init,
+                                   name=name)
     bn = lambda name: BatchNorm(axis_name=self.bn_axis_name, dtype=self.dtype,
                                 block=self.block, name=name)
     skip = conv(self.features, 1, 'conv_expand')(x) if self.skip_conv else x
@@ -225,6 +260,16 @@ def _block(remat: bool):
           else ResidualBlock)
 
 
+def _dense(features: int, owner: nn.Module, name: str,
+           fan_in: int) -> nn.Dense:
+  """A Dense layer in `owner`'s dtype, precision and `param_init` (float
+  parameters) for `fan_in` input features."""
+  kernel_init, bias_init = initializers(owner.param_init, fan_in)
+  return nn.Dense(features, dtype=owner.dtype, param_dtype=_float(owner.dtype),
+                  precision=owner.precision, kernel_init=kernel_init,
+                  bias_init=bias_init, name=name)
+
+
 class Encoder(nn.Module):
   """x [B, H, W, C] in [0, 1] -> (mu, logvar), each [B, hdim] in float32.
 
@@ -245,6 +290,7 @@ class Encoder(nn.Module):
   base: int = 4
   space_to_depth: int = 1
   packed_io: bool = False
+  param_init: str = 'flax'
 
   @nn.compact
   def __call__(self, x, train: bool = True):
@@ -261,10 +307,11 @@ class Encoder(nn.Module):
       x = layout.pack(x, at(size))
     block = lambda f, skip, px, name: _block(self.remat)(
         f, skip, self.bn_axis_name, self.conv_impl, self.dtype,
-        self.precision, self.bn_before_add, at(px), name=name)
+        self.precision, self.bn_before_add, at(px), self.param_init,
+        name=name)
     px = size
     h = Conv(chans[0], 5, False, self.conv_impl, self.dtype, self.precision,
-             at(px), name='conv_in')(x)
+             at(px), self.param_init, name='conv_in')(x)
     h = BatchNorm(axis_name=self.bn_axis_name, dtype=self.dtype,
                   block=at(px), name='bn_in')(h, not train)
     h = _pool(nn.leaky_relu(h, 0.2), at(px))
@@ -275,9 +322,7 @@ class Encoder(nn.Module):
       h = _pool(h, at(px))
     h = block(chans[-1], False, px // 2, f'block_{len(chans)}')(h, train)
     h = h.reshape((h.shape[0], -1))
-    out = nn.Dense(2 * self.hdim, dtype=self.dtype,
-                   param_dtype=_float(self.dtype), precision=self.precision,
-                   name='fc')(h)
+    out = _dense(2 * self.hdim, self, 'fc', h.shape[-1])(h)
     mu, logvar = jnp.split(out.astype(_float(self.dtype)), 2, axis=-1)
     return mu, logvar
 
@@ -301,6 +346,7 @@ class Decoder(nn.Module):
   base: int = 4
   space_to_depth: int = 1
   packed_io: bool = False
+  param_init: str = 'flax'
 
   @nn.compact
   def __call__(self, z, train: bool = True):
@@ -309,10 +355,10 @@ class Decoder(nn.Module):
                            image_size_for(chans, b))
     block = lambda f, skip, px, name: _block(self.remat)(
         f, skip, self.bn_axis_name, self.conv_impl, self.dtype,
-        self.precision, self.bn_before_add, at(px), name=name)
-    h = nn.Dense(chans[-1] * b * b, dtype=self.dtype,
-                 param_dtype=_float(self.dtype), precision=self.precision,
-                 name='fc')(z.astype(self.dtype))
+        self.precision, self.bn_before_add, at(px), self.param_init,
+        name=name)
+    h = _dense(chans[-1] * b * b, self, 'fc', z.shape[-1])(
+        z.astype(self.dtype))
     h = nn.relu(h).reshape((z.shape[0], b, b, chans[-1]))
     # The reference walks the list backwards; its first block pairs the last
     # entry with itself (one list entry), later ones pair two adjacent entries.
@@ -325,16 +371,10 @@ class Decoder(nn.Module):
       prev, px = i, 2 * px
     h = block(chans[0], False, px, f'block_{len(chans)}')(h, train)
     out = Conv(self.image_channels, 5, True, self.conv_impl, self.dtype,
-               self.precision, at(px), name='conv_out')(h)
+               self.precision, at(px), self.param_init, name='conv_out')(h)
     if not self.packed_io:
       out = layout.unpack(out, at(px))
     return out.astype(_float(self.dtype))
-
-
-def _dense(features: int, owner: nn.Module, name: str) -> nn.Dense:
-  """A Dense layer in `owner`'s dtype and precision (float parameters)."""
-  return nn.Dense(features, dtype=owner.dtype, param_dtype=_float(owner.dtype),
-                  precision=owner.precision, name=name)
 
 
 class MLPEncoder(nn.Module):
@@ -344,14 +384,15 @@ class MLPEncoder(nn.Module):
   hidden: Sequence[int] = (256, 256, 256)
   dtype: Any = jnp.float32
   precision: Any = None
+  param_init: str = 'flax'
 
   @nn.compact
   def __call__(self, x, train: bool = True):
     del train  # No BatchNorm; kept for a uniform interface.
     h = x.astype(self.dtype)
     for i, width in enumerate(self.hidden):
-      h = nn.relu(_dense(width, self, f'fc_{i}')(h))
-    out = _dense(2 * self.zdim, self, 'fc_out')(h)
+      h = nn.relu(_dense(width, self, f'fc_{i}', h.shape[-1])(h))
+    out = _dense(2 * self.zdim, self, 'fc_out', h.shape[-1])(h)
     mu, logvar = jnp.split(out.astype(_float(self.dtype)), 2, axis=-1)
     return mu, logvar
 
@@ -362,14 +403,16 @@ class MLPDecoder(nn.Module):
   hidden: Sequence[int] = (256, 256, 256)
   dtype: Any = jnp.float32
   precision: Any = None
+  param_init: str = 'flax'
 
   @nn.compact
   def __call__(self, z, train: bool = True):
     del train
     h = z.astype(self.dtype)
     for i, width in enumerate(reversed(tuple(self.hidden))):
-      h = nn.relu(_dense(width, self, f'fc_{i}')(h))
-    return _dense(self.data_dim, self, 'fc_out')(h).astype(_float(self.dtype))
+      h = nn.relu(_dense(width, self, f'fc_{i}', h.shape[-1])(h))
+    out = _dense(self.data_dim, self, 'fc_out', h.shape[-1])(h)
+    return out.astype(_float(self.dtype))
 
 
 def build_models(config, bn_axis_name: Optional[str] = None,
@@ -380,8 +423,9 @@ def build_models(config, bn_axis_name: Optional[str] = None,
   dtype = jnp.dtype(m.dtype)
   precision = jax.lax.Precision[m.precision.upper()]
   if m.arch == 'mlp':
-    return (MLPEncoder(m.hdim, tuple(m.mlp_hidden), dtype, precision),
-            MLPDecoder(m.data_dim, tuple(m.mlp_hidden), dtype, precision))
+    return (MLPEncoder(m.hdim, tuple(m.mlp_hidden), dtype, precision, m.init),
+            MLPDecoder(m.data_dim, tuple(m.mlp_hidden), dtype, precision,
+                       m.init))
   if m.arch != 'conv':
     raise ValueError(f"config.arch must be 'conv' or 'mlp', got {m.arch!r}.")
   kw = dict(channels=tuple(m.channels), hdim=m.hdim,
@@ -390,7 +434,7 @@ def build_models(config, bn_axis_name: Optional[str] = None,
             precision=precision,
             bn_before_add=RESIDUAL_BLOCKS[m.residual_block],
             base=m.base_size, space_to_depth=m.space_to_depth,
-            packed_io=packed_io)
+            packed_io=packed_io, param_init=m.init)
   return Encoder(**kw), Decoder(image_channels=m.image_channels, **kw)
 
 
