@@ -28,8 +28,9 @@ from conftest import (assert_trees_close, in_subprocess, jitted_step,
 X64 = in_subprocess('x64', {'JAX_ENABLE_X64': '1'})
 BLOCKS = (2, 4)
 # Block 4 on the 16 px model takes every path (pools 4 -> 2 -> 1,
-# upsamplings 1 -> 2 -> 4); the slow set also runs block 2 through the
-# steps, and the float32 steps (compiles: a minute on 2 cores).
+# upsamplings 1 -> 2 -> 4). The slow set also runs block 2, IntroVAE's block
+# through the models, Soft-IntroVAE's steps and the float32 steps (each a
+# minute of compiles on 2 cores).
 SLOW_BLOCK = pytest.param(2, marks=pytest.mark.slow)
 
 
@@ -153,7 +154,8 @@ def _initial_params(config, dtype):
 
 @X64
 @pytest.mark.parametrize('b', (SLOW_BLOCK, 4))
-@pytest.mark.parametrize('block_kind', list(models.RESIDUAL_BLOCKS))
+@pytest.mark.parametrize('block_kind', [  # the steps below run IntroVAE's
+    pytest.param('introvae', marks=pytest.mark.slow), 'soft_introvae'])
 def test_models_in_every_layout_float64(block_kind, b):
   """Both residual blocks (the steps below use IntroVAE's)."""
   config = small_config(dtype='float64', residual_block=block_kind)
@@ -178,7 +180,8 @@ def _three_steps(config, state):
 
 @X64
 @pytest.mark.parametrize('b', (SLOW_BLOCK, 4))
-@pytest.mark.parametrize('objective', ('introvae', 'soft_introvae'))
+@pytest.mark.parametrize('objective', [
+    'introvae', pytest.param('soft_introvae', marks=pytest.mark.slow)])
 def test_steps_in_every_layout_float64(objective, b):
   fields = dict(objective=objective, dtype='float64', num_vae_steps=1,
                 m_plus=2.5)

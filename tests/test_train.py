@@ -267,6 +267,7 @@ def _poisoned_batch_at(monkeypatch, bad_step):
   monkeypatch.setattr(train, 'compile_step', poisoning)
 
 
+@pytest.mark.slow  # 80 s; the fast set skips and counts (test above)
 def test_skip_keeps_the_state_and_stops_after_consecutive_skips(
     tmp_path, monkeypatch):
   """on_nonfinite='skip': a one-off non-finite step (2) is skipped, the state
