@@ -33,6 +33,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(REPO, 'docs', 'results', 'plans')
 DOC = os.path.join(REPO, 'docs', 'tpu.md')
 BEGIN, END = '<!-- plans:begin -->', '<!-- plans:end -->'
+# The config fields a row records as compiled (a recipe may change later).
+SHOWN = ('precision', 'dtype', 'remat', 'space_to_depth')
 # The modules whose source decides the compiled step.
 SOURCES = ('models.py', 'layout.py', 'step.py', 'losses.py', 'parallel.py',
            'objectives/base.py', 'objectives/introvae.py',
@@ -70,13 +72,9 @@ def parse_row(text):
 
 
 def config_for(recipe, overrides):
-  from introvae_jax import recipes  # pylint: disable=g-import-not-at-top
-  config = recipes.load_recipe(recipe)
-  for name, value in overrides.items():
-    kind = type(config[name])
-    setattr(config, name, value in (True, 'True') if kind is bool
-            else kind(value))
-  return config
+  from introvae_jax import plan, recipes  # pylint: disable=g-import-not-at-top
+  return plan.with_changes(recipes.load_recipe(recipe),
+                           [f'{k}={v}' for k, v in overrides.items()])
 
 
 def key_for(config, topology):
@@ -107,15 +105,12 @@ def plan_row(recipe, topology, overrides):
   t0 = time.time()
   compiled = plan.compile_step(config, topology)
   seconds = time.time() - t0
-  key = topology.split(':')[0].lower()
-  per = config.batch_size // len(plan.topology(topology).devices)
-  figures = plan.figures(config, key, per, compiled)
+  figures, rows, report = plan.analyse(config, topology, compiled)
   record = dict(
       row=name, recipe=recipe, topology=topology, overrides=overrides,
       key=key_for(config, topology), figures=figures,
-      by_layer=plan.traffic_by_layer(plan.hbm_traffic(compiled.as_text()))[
-          :12],
-      report=plan.report(config, topology, compiled),
+      config={k: config[k] for k in SHOWN},
+      by_layer=plan.traffic_by_layer(rows)[:12], report=report,
       compile_seconds=round(seconds), host=platform.processor() or
       platform.machine(), date=time.strftime('%Y-%m-%d'),
       versions={p: importlib.metadata.version(p)
@@ -132,12 +127,13 @@ def current_figures(record):
   without a compile)."""
   from introvae_jax import hardware, plan  # pylint: disable=g-import-not-at-top
   f = dict(record['figures'])
-  config = config_for(record['recipe'], record['overrides'])
   if 'laid_out_flops' not in f:  # stored before the count existed
-    f['laid_out_flops'] = hardware.analytic_flops(config, f['per_device'],
-                                                  mxu_tile=1)
-  key = record['topology'].split(':')[0].lower()
-  f.update(plan.roofline(f, key, config.dtype, config.precision))
+    f['laid_out_flops'] = hardware.analytic_flops(
+        config_for(record['recipe'], record['overrides']), f['per_device'],
+        mxu_tile=1)
+  shown = record['config']
+  f.update(plan.roofline(f, hardware.topology_key(record['topology']),
+                         shown['dtype'], shown['precision']))
   return f
 
 
@@ -151,12 +147,11 @@ def table() -> str:
            '|---|---|---|---|---|---|---|---|']
   for name in sorted(n[:-5] for n in os.listdir(OUT) if n.endswith('.json')):
     r = stored(name)
-    f = current_figures(r)
-    config = config_for(r['recipe'], r['overrides'])
+    f, c = current_figures(r), r['config']
     lines.append(
-        f"| `{name}` | {f['per_device']} | {config.precision}, "
-        f'{config.dtype}, remat {config.remat}, space_to_depth '
-        f'{config.space_to_depth} | '
+        f"| `{name}` | {f['per_device']} | {c['precision']}, "
+        f"{c['dtype']}, remat {c['remat']}, space_to_depth "
+        f"{c['space_to_depth']} | "
         f"{f['peak'] / gib:.2f} of {f['hbm'] / gib:.0f} GiB "
         f"({100 * (1 - f['peak'] / f['hbm']):.0f}%) | "
         f"{f['bytes'] / gib:.1f} ({f['hbm_arrays'] / gib:.1f}) GiB | "

@@ -59,13 +59,19 @@ TPU_PASSES = {'default': 1, 'high': 3, 'highest': 6}
 
 
 
-def chip_named(name: str) -> Chip:
-  """The chip of a TPU topology name ('v5e:2x2') or a table key ('h100')."""
+def topology_key(name: str) -> str:
+  """The CHIPS key of a TPU topology name ('v5e:2x2' -> 'v5e') or of a table
+  key ('h100'); an unknown chip is a `UserError`."""
   generation = name.split(':')[0].split('-')[0].lower()
   if generation not in CHIPS:
     raise UserError(f'--topology={name}: unknown chip {generation!r}; use one '
                     f'of {list(TPUS)} with a shape, e.g. v5e:2x2, v4:2x2x1.')
-  return CHIPS[generation]
+  return generation
+
+
+def chip_named(name: str) -> Chip:
+  """The chip of a TPU topology name ('v5e:2x2') or a table key ('h100')."""
+  return CHIPS[topology_key(name)]
 
 
 def chip_key(device_kind: str) -> Optional[str]:
@@ -118,7 +124,7 @@ def _mxu_conv(size: int, c_in: int, c_out: int, k: int, block: int,
   kernel's taps (its zero taps are multiplied too) and its channel widths
   rounded up to the MXU tile."""
   up = lambda n: -(-n // tile) * tile
-  taps = 2 * -(-(k // 2) // block) + 1
+  taps = layout.packed_kernel_size(k, block)
   bb = block * block
   return (2 * (size // block) ** 2 * taps * taps * up(bb * c_in)
           * up(bb * c_out))

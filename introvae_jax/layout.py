@@ -51,14 +51,19 @@ def unpack_channels(x, b: int):
   return x.reshape(x.shape[:-1] + (b * b, x.shape[-1] // (b * b)))
 
 
+def packed_kernel_size(k: int, b: int) -> int:
+  """The side of the packed kernel of a k x k convolution at block `b`: the
+  k x k window reaches ceil((k // 2) / b) blocks each side."""
+  return 2 * -(-(k // 2) // b) + 1
+
+
 @functools.lru_cache(maxsize=None)
 def _kernel_index(k: int, b: int, c: int, f: int) -> np.ndarray:
   """For each entry of the packed kernel [K, K, b*b*c, b*b*f], its index in
   the flattened k x k kernel [k, k, c, f], or k*k*c*f (a zero) where the
   input pixel is outside the output pixel's k x k window."""
-  r = k // 2
-  rb = -(-r // b)  # the window's reach in blocks
-  kb = 2 * rb + 1
+  r, kb = k // 2, packed_kernel_size(k, b)
+  rb = kb // 2  # the window's reach in blocks
   index = np.full((kb, kb, b, b, c, b, b, f), k * k * c * f, np.int32)
   taps = np.arange(c)[:, None] * f + np.arange(f)[None, :]
   for di in range(-rb, rb + 1):

@@ -311,9 +311,12 @@ def memory_line(config, topology_name: str, compiled=None, check=True):
   return out
 
 
-def figures(config, key: str, per_device: int, compiled) -> dict:
+def figures(config, key: str, per_device: int, compiled, rows=None) -> dict:
   """The plan's numbers for one chip of kind `key` (hardware.CHIPS) running
-  `compiled` on `per_device` images: bytes, FLOPs, seconds."""
+  `compiled` on `per_device` images: bytes, FLOPs, seconds. `rows`: the
+  program's `hbm_traffic`, where the caller has it already."""
+  if rows is None:
+    rows = hbm_traffic(compiled.as_text())
   m = compiled.memory_analysis()
   counts = dict(
       per_device=per_device, hbm=hardware.CHIPS[key].hbm_gib * GIB,
@@ -334,8 +337,7 @@ def figures(config, key: str, per_device: int, compiled) -> dict:
       # XLA's 'bytes accessed' sums every op's operands and outputs in every
       # memory space (docs/tpu.md, "Where the bytes go"); the arrays XLA
       # placed in HBM are what HBM bandwidth bounds: a second, tighter bound.
-      hbm_arrays=sum(r['read'] + r['write']
-                     for r in hbm_traffic(compiled.as_text())))
+      hbm_arrays=sum(r['read'] + r['write'] for r in rows))
   return dict(counts, **roofline(counts, key, config.dtype, config.precision))
 
 
@@ -376,13 +378,20 @@ def precision_text(config) -> str:
 
 def report(config, topology_name: str, compiled=None) -> str:
   """The per-device plan of `config` on `topology_name`, as text."""
-  key = topology_name.split(':')[0].split('-')[0].lower()
-  chip = hardware.chip_named(topology_name)
+  return analyse(config, topology_name, compiled)[2]
+
+
+def analyse(config, topology_name: str, compiled=None):
+  """(figures, hbm_traffic rows, report text) of `config` on
+  `topology_name`, the compiled program read once."""
+  key = hardware.topology_key(topology_name)
+  chip = hardware.CHIPS[key]
   n = len(topology(topology_name).devices)
   per = configuration.check_batch_divides(config.batch_size, n)
   if compiled is None:
     compiled = compile_step(config, topology_name)
-  f = figures(config, key, per, compiled)
+  rows = hbm_traffic(compiled.as_text())
+  f = figures(config, key, per, compiled, rows)
   gib = lambda x: f'{x / GIB:.3f} GiB'
   ms = lambda x: f'{x * 1e3:.2f} ms'
   peak, hbm = f['peak'], f['hbm']
@@ -415,22 +424,21 @@ def report(config, topology_name: str, compiled=None) -> str:
       'The roofline is a bound from the peaks, not a measured TPU time; MFU '
       "counts the model's FLOPs against the peak of the run's arithmetic. "
       'Image-grid and evaluation programs are not included.',
-  ] + where_bytes_go(compiled, per)
-  return '\n'.join(lines)
+  ] + where_bytes_go(rows, f)
+  return f, rows, '\n'.join(lines)
 
 
-def where_bytes_go(compiled, per_device: int, top: int = 6) -> List[str]:
-  """Report lines: HBM traffic per image, the layers that move the most and
-  the largest arrays in HBM with their logical and tiled sizes
-  (`hbm_traffic`, a model of the traffic from the compiled program)."""
-  rows = hbm_traffic(compiled.as_text())
-  model = sum(r['read'] + r['write'] for r in rows)
+def where_bytes_go(rows, f, top: int = 6) -> List[str]:
+  """Report lines from a program's `hbm_traffic` rows and `figures`: HBM
+  traffic per image, the layers that move the most and the largest arrays
+  in HBM with their logical and tiled sizes."""
+  per_device = f['per_device']
   gib = lambda x: f'{x / GIB:.2f} GiB'
   lines = [
-      f'bytes per image: {gib(xla_bytes(compiled) / per_device)} '
+      f"bytes per image: {gib(f['bytes'] / per_device)} "
       "(XLA's count); HBM traffic per image: "
-      f'{gib(model / per_device)} (the HBM arrays, tiled, each read and '
-      'written once per op).',
+      f"{gib(f['hbm_arrays'] / per_device)} (the HBM arrays, tiled, each "
+      'read and written once per op).',
       'HBM traffic by layer, per image: ' + '; '.join(
           f'{layer} {gib(b / per_device)}'
           for layer, b in traffic_by_layer(rows)[:top]) + '.',
@@ -498,17 +506,13 @@ def main(argv):
   t0 = time.time()
   compiled = compile_step(config, flags_.topology)
   print(f'compiled in {time.time() - t0:.1f} s')
-  print(report(config, flags_.topology, compiled))
+  f, _, text = analyse(config, flags_.topology, compiled)
+  print(text)
   if flags_.against:
-    other = with_changes(config, flags_.against)
-    compiled_other = compile_step(other, flags_.topology)
-    print(report(other, flags_.topology, compiled_other))
-    key = flags_.topology.split(':')[0].split('-')[0].lower()
-    per = configuration.check_batch_divides(
-        config.batch_size, len(topology(flags_.topology).devices))
-    print(side_by_side({
-        'config': figures(config, key, per, compiled),
-        ','.join(flags_.against): figures(other, key, per, compiled_other)}))
+    other, _, text = analyse(with_changes(config, flags_.against),
+                             flags_.topology)
+    print(text)
+    print(side_by_side({'config': f, ','.join(flags_.against): other}))
   if flags_.fit:
     line = memory_line(config, flags_.topology, compiled)
     checked = line['checked']
