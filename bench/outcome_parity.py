@@ -286,7 +286,12 @@ def summary(cells: list) -> dict:
 
 def markdown(table: dict, cells: list) -> str:
   cpus = sorted({c.get('cpu', '?') for c in cells})
-  lines = ['| objective | metric | authors\' loop (seeds) | this project '
+  steps = sorted({c['step'] for c in cells})
+  lines = ['# The authors\' training loops and this project\'s, digits, '
+           f'{"/".join(map(str, steps))} steps', '',
+           'Mean +- sample std over seeds (in brackets); Welch\'s two-sample '
+           't-test of the two sides (t, p); `python bench/outcome_parity.py`.',
+           '', '| objective | metric | authors\' loop (seeds) | this project '
            '(seeds) | Welch t, p |', '|---|---|---|---|---|']
   for objective, rows in table.items():
     for metric, row in rows.items():

@@ -18,6 +18,7 @@ def get_config():
   c.channels = channels_for(256)   # (32, 64, 128, 256, 512, 512)
   c.hdim = 512
   c.init = 'pytorch'               # torch's default initialisation, as theirs
+  c.space_to_depth = 2             # the 32-channel 256 px maps fill 128 lanes
   c.batch_size = 16                # reference: 16 on 1 GPU
   c.m_plus = 120.0
   c.weight_rec = 0.05

@@ -221,7 +221,12 @@ def layer_of(op_name: str) -> str:
       rest = [q for q in parts[i + 1:] if re.match(
           r'^(block_\d+|conv_(in|out|expand)|conv\d|bn_in|bn\d|fc)$', q)]
       return '/'.join([module] + rest[:2])
-  return parts[-1] if parts else '(copies without a source op)'
+  return parts[-1] if parts else NO_SOURCE
+
+
+NO_SOURCE = '(copies without a source op)'
+ARGUMENTS = '(step arguments: state and batch)'
+COPIED = ' (copied)'
 
 
 def hbm_traffic(hlo_text: str) -> List[Dict]:
@@ -229,8 +234,11 @@ def hbm_traffic(hlo_text: str) -> List[Dict]:
   bytes it reads and writes in the arrays' tiled layouts, its largest
   output (logical and tiled bytes) and its layer. A model of traffic (each
   HBM operand read once, each output written once), to set beside XLA's
-  'bytes accessed'."""
-  arrays, rows = {}, []
+  'bytes accessed'. An instruction XLA added (a copy, an async move to or
+  from VMEM, a relayout: no op_name) counts as '<layer of its source>
+  (copied)', the step's arguments (parameters, optimiser state, the batch)
+  being ARGUMENTS."""
+  arrays, layers, rows = {}, {}, []
   for line in _entry_lines(hlo_text):
     m = _INSTRUCTION.match(line)
     if not m:
@@ -238,22 +246,31 @@ def hbm_traffic(hlo_text: str) -> List[Dict]:
     name, types, opcode, operands, rest = m.groups()
     outs = [array_bytes(*t) for t in _ARRAY.findall(types)]
     arrays[name] = outs
+    sources = re.findall(r'%([\w.\-]+)', operands)
+    op_name = re.search(r'op_name="([^"]*)"', rest)
+    if opcode == 'parameter':
+      layers[name] = ARGUMENTS
+    elif op_name:
+      layers[name] = layer_of(op_name.group(1))
+    else:
+      source = next((layers[s] for s in sources if s in layers), None)
+      layers[name] = (NO_SOURCE if source is None else source
+                      if opcode in _NO_TRAFFIC or source.endswith(COPIED)
+                      else source + COPIED)
     if opcode in _NO_TRAFFIC:
       continue
     reads = []
-    for operand in re.findall(r'%([\w.\-]+)', operands):
+    for operand in sources:
       reads += arrays.get(operand, [])
     if opcode == 'copy-start':  # (destination, source, context)
       outs = outs[:1]
     elif opcode == 'slice-start':  # ((source), destination, context)
       reads, outs = [outs[1][:2] + (outs[0][2],)], outs[1:2]
     in_hbm = lambda bufs: sum(tiled for _, tiled, space in bufs if space == 0)
-    op_name = re.search(r'op_name="([^"]*)"', rest)
     largest = max(outs, key=lambda b: b[1], default=(0, 0, 0))
     rows.append(dict(
         opcode=opcode, read=in_hbm(reads), write=in_hbm(outs),
-        logical=largest[0], tiled=largest[1],
-        layer=layer_of(op_name.group(1) if op_name else '')))
+        logical=largest[0], tiled=largest[1], layer=layers[name]))
   return rows
 
 

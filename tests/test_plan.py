@@ -143,20 +143,30 @@ HLO = '\n'.join([
     '  %copy-start = (f32[8,16]{1,0:T(8,128)S(1)}, f32[8,16]{1,0:T(8,128)}, '
     'u32[]{:S(2)}) copy-start(%fusion.1)',
     '  %copy-done = f32[8,16]{1,0:T(8,128)S(1)} copy-done(%copy-start)',
-    f'  ROOT %fusion.2 = f32[8,16]{T} fusion(%copy-done, %p), kind=kLoop, '
+    f'  %fusion.2 = f32[8,16]{T} fusion(%copy-done, %p), kind=kLoop, '
     'metadata={op_name="jit(s)/transpose(jvp(Encoder))/bn_in/add"}',
+    f'  %copy.1 = f32[8,16]{{0,1:T(8,128)}} copy(%p)',
+    f'  %copy.2 = f32[8,16]{T} copy(%copy.1)',
+    f'  ROOT %copy.3 = f32[8,16]{T} copy(%unknown)',
     '}'])
 
 
 def test_hbm_traffic_reads_and_writes_each_tiled_hbm_array_once():
   tile = 8 * 128 * 4          # f32[8,16] in one (8, 128) tile
   rows = plan.hbm_traffic(HLO)
+  f32_16x8 = 16 * 128 * 4    # its transpose, in two tiles
   assert [(r['opcode'], r['read'], r['write'], r['layer']) for r in rows] == [
       ('fusion', tile, tile, 'Decoder/block_8/conv1'),
-      ('copy-start', tile, 0, '(copies without a source op)'),  # to VMEM
-      ('fusion', tile, tile, 'Encoder/bn_in')]   # reads VMEM and p
+      # Moves XLA adds count for the layer whose array they move.
+      ('copy-start', tile, 0, 'Decoder/block_8/conv1 (copied)'),  # to VMEM
+      ('fusion', tile, tile, 'Encoder/bn_in'),   # reads VMEM and p
+      ('copy', tile, f32_16x8, '(step arguments: state and batch) (copied)'),
+      ('copy', f32_16x8, tile, '(step arguments: state and batch) (copied)'),
+      ('copy', 0, tile, '(copies without a source op)')]
   assert rows[0]['logical'] == 8 * 16 * 4 and rows[0]['tiled'] == tile
-  assert plan.traffic_by_layer(rows)[0] == ('Decoder/block_8/conv1', 2 * tile)
+  assert plan.traffic_by_layer(rows)[:2] == [
+      ('(step arguments: state and batch) (copied)', 2 * (tile + f32_16x8)),
+      ('Decoder/block_8/conv1', 2 * tile)]
 
 
 def test_oom_is_one_line_with_the_numbers_and_the_fix():
