@@ -8,10 +8,10 @@ torchvision (their code imports both); needs neither JAX nor this project:
       --batches=batches.npy --out=DIR --seed=0 --num_vae_steps=500 ...
 
 Nothing of the authors' code is copied here. Their file is read at run time,
-the text edits below are applied to it (each must match exactly once, so a
-different version of their file is refused, not silently mis-edited), and it
-runs as written otherwise, with its own initialisation, random draws,
-optimisers and update order.
+the text edits below are applied to it (each must match as often as
+stated, so a different version of their file is refused, not silently
+mis-edited), and it runs as written otherwise, with its own initialisation,
+random draws, optimisers and update order.
 
 Shims, the only changes that make their code run on a CPU under current
 torch (SHIMS, listed by name in each result):
@@ -43,6 +43,7 @@ warm-up and budget, as their loops count them: epochs of
 import argparse
 import contextlib
 import glob
+import json
 import os
 import sys
 import time
@@ -259,9 +260,12 @@ def main():
   seconds = time.time() - start
   torch.save({k: v.detach().cpu() for k, v in state_dict.items()},
              os.path.join(args.out, 'trained.pth'))
+  used = sorted({e[4] for e in EDITS[args.objective]} & set(SHIMS)
+                | ({'cuda_identity', 'cuda_float', 'data_parallel'}
+                   if args.objective == 'introvae' else set()))
   with open(os.path.join(args.out, 'trained.json'), 'w') as f:
-    f.write(f'{{"seconds": {seconds:.1f}, "torch": "{torch.__version__}", '
-            f'"threads": {args.threads}}}\n')
+    json.dump(dict(seconds=round(seconds, 1), torch=torch.__version__,
+                   threads=args.threads, shims=used), f)
 
 
 if __name__ == '__main__':
