@@ -210,6 +210,11 @@ def _entry_lines(hlo_text: str) -> List[str]:
       lines.append(line)
   return lines
 
+# Layers of the instructions no model op names (`hbm_traffic`).
+NO_SOURCE = '(copies without a source op)'
+ARGUMENTS = '(step arguments: state and batch)'
+COPIED = ' (copied)'
+
 
 def layer_of(op_name: str) -> str:
   """The model layer an HLO op came from, from its op_name (Flax names its
@@ -222,11 +227,6 @@ def layer_of(op_name: str) -> str:
           r'^(block_\d+|conv_(in|out|expand)|conv\d|bn_in|bn\d|fc)$', q)]
       return '/'.join([module] + rest[:2])
   return parts[-1] if parts else NO_SOURCE
-
-
-NO_SOURCE = '(copies without a source op)'
-ARGUMENTS = '(step arguments: state and batch)'
-COPIED = ' (copied)'
 
 
 def hbm_traffic(hlo_text: str) -> List[Dict]:
