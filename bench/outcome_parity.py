@@ -289,7 +289,7 @@ def markdown(table: dict, cells: list) -> str:
   steps = sorted({c['step'] for c in cells})
   lines = ['# The authors\' training loops and this project\'s, digits, '
            f'{"/".join(map(str, steps))} steps', '',
-           'Mean +- sample std over seeds (in brackets); Welch\'s two-sample '
+           'Mean +- sample std over the seeds in brackets; Welch\'s two-sample '
            't-test of the two sides (t, p); `python bench/outcome_parity.py`.',
            '', '| objective | metric | authors\' loop (seeds) | this project '
            '(seeds) | Welch t, p |', '|---|---|---|---|---|']
@@ -298,9 +298,9 @@ def markdown(table: dict, cells: list) -> str:
       cols = []
       for side in SIDES:
         s = row[side]
-        cols.append('-' if not s['n'] else
-                    f'{s["mean"]:.4g} +- {s["std"]:.2g} '
-                    f'({",".join(map(str, row["seeds"][side]))})')
+        seeds = ','.join(map(str, row['seeds'][side]))
+        spread = f' +- {s["std"]:.2g}' if s['n'] > 1 else ''
+        cols.append(f'{s["mean"]:.4g}{spread} ({seeds})' if s['n'] else '-')
       w = row['welch']
       test = '-' if w is None else f'{w[0]:+.2f}, {w[1]:.2g}'
       lines.append(f'| {objective} | {metric} | {cols[0]} | {cols[1]} | '
