@@ -145,7 +145,7 @@ HLO = '\n'.join([
     '  %copy-done = f32[8,16]{1,0:T(8,128)S(1)} copy-done(%copy-start)',
     f'  %fusion.2 = f32[8,16]{T} fusion(%copy-done, %p), kind=kLoop, '
     'metadata={op_name="jit(s)/transpose(jvp(Encoder))/bn_in/add"}',
-    '  %copy.1 = f32[8,16]{{0,1:T(8,128)}} copy(%p)',
+    '  %copy.1 = f32[8,16]{0,1:T(8,128)} copy(%p)',
     f'  %copy.2 = f32[8,16]{T} copy(%copy.1)',
     f'  ROOT %copy.3 = f32[8,16]{T} copy(%unknown)',
     '}'])
