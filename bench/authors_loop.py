@@ -241,16 +241,15 @@ def main():
   parser.add_argument('--gamma_r', type=float, default=1e-8)
   parser.add_argument('--threads', type=int, default=1)
   args = parser.parse_args()
-  steps = np.load(args.batches, mmap_mode='r').shape[0]
+  batches = Batches(args.batches, args.steps_per_epoch)
   for name, value in (('num_vae_steps', args.num_vae_steps),
-                      ('the batch count', steps)):
+                      ('the batch count', len(batches.array))):
     if value % args.steps_per_epoch:
       parser.error(f'{name} ({value}) must be a multiple of '
                    f'--steps_per_epoch={args.steps_per_epoch}: their loops '
                    'count the warm-up and the budget in epochs.')
   torch.set_num_threads(args.threads)
   install_shims()
-  batches = Batches(args.batches, args.steps_per_epoch)
   args.checkout, args.out = map(os.path.abspath, (args.checkout, args.out))
   os.makedirs(args.out, exist_ok=True)
   os.chdir(args.out)  # their loops write images and checkpoints here
@@ -260,9 +259,8 @@ def main():
   seconds = time.time() - start
   torch.save({k: v.detach().cpu() for k, v in state_dict.items()},
              os.path.join(args.out, 'trained.pth'))
-  used = sorted({e[4] for e in EDITS[args.objective]} & set(SHIMS)
-                | ({'cuda_identity', 'cuda_float', 'data_parallel'}
-                   if args.objective == 'introvae' else set()))
+  # Their IntroVAE loop needs every shim; their Soft-IntroVAE loop none.
+  used = list(SHIMS) if args.objective == 'introvae' else []
   with open(os.path.join(args.out, 'trained.json'), 'w') as f:
     json.dump(dict(seconds=round(seconds, 1), torch=torch.__version__,
                    threads=args.threads, shims=used), f)

@@ -198,7 +198,7 @@ def run_authors_cell(config, objective: str, seed: int, workdir: str,
              seconds=round(time.time() - start, 1), cpu=cpu_name(),
              train=trained, checkout=_revision(checkout),
              command=' '.join(command[1:]),
-             config=json.loads(json.dumps(cell.to_dict(), default=list)))
+             config=compare.as_json(cell))
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, 'w', encoding='utf-8') as f:
     json.dump(out, f, indent=1)

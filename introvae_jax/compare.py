@@ -230,7 +230,8 @@ def _run_toy(config, run_dir: str, results: epath.Path, name: str, signals):
   return metrics, stored['kl_history']
 
 
-def _as_json(config) -> dict:
+def as_json(config) -> dict:
+  """A config as the JSON a cell's results file stores."""
   return json.loads(json.dumps(config.to_dict(), default=list))
 
 
@@ -239,7 +240,7 @@ def _check_stored(path: epath.Path, stored: dict, config,
   """UserError unless the results file was made with `config`'s identity
   fields (those a resume may not change and the objective reads)."""
   changes = [c for c in configuration.identity_changes(stored['config'],
-                                                       _as_json(config))
+                                                       as_json(config))
              if c[0] not in UNREAD[objective]]
   if changes:
     listed = '; '.join(f'{n}: {a!r} -> {b!r}' for n, a, b in changes)
@@ -287,7 +288,7 @@ def run_cell(config, objective: str, seed: int, workdir: str,
              workdir=run_dir,
              metrics=_with_training_scalars(metrics, history),
              kl_history=history,
-             config=_as_json(cell))
+             config=as_json(cell))
   path.write_text(json.dumps(out, indent=1))
   return out
 
@@ -387,7 +388,7 @@ def compare(config, objectives: Sequence[str], seeds: Sequence[int],
     raise errors.UserError(f'No stored results in {results} for objective(s) '
                            f'{", ".join(empty)}; run them without --notrain.')
   summary = table(cells, objectives)
-  summary['config'] = _as_json(config)
+  summary['config'] = as_json(config)
   (results / 'table.json').write_text(json.dumps(summary, indent=1))
   (results / 'table.md').write_text(markdown(
       summary, objectives, title or f'{" vs ".join(objectives)}, '

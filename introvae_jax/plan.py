@@ -210,6 +210,7 @@ def _entry_lines(hlo_text: str) -> List[str]:
       lines.append(line)
   return lines
 
+
 # Layers of the instructions no model op names (`hbm_traffic`).
 NO_SOURCE = '(copies without a source op)'
 ARGUMENTS = '(step arguments: state and batch)'
@@ -252,11 +253,11 @@ def hbm_traffic(hlo_text: str) -> List[Dict]:
       layers[name] = ARGUMENTS
     elif op_name:
       layers[name] = layer_of(op_name.group(1))
-    else:
-      source = next((layers[s] for s in sources if s in layers), None)
-      layers[name] = (NO_SOURCE if source is None else source
-                      if opcode in _NO_TRAFFIC or source.endswith(COPIED)
-                      else source + COPIED)
+    else:  # added by XLA: the layer of the array it passes on or moves
+      source = next((layers[s] for s in sources if s in layers), NO_SOURCE)
+      moved = opcode not in _NO_TRAFFIC and source != NO_SOURCE
+      layers[name] = (source + COPIED if moved and not source.endswith(COPIED)
+                      else source)
     if opcode in _NO_TRAFFIC:
       continue
     reads = []
@@ -328,12 +329,10 @@ def memory_line(config, topology_name: str, compiled=None, check=True):
   return out
 
 
-def figures(config, key: str, per_device: int, compiled, rows=None) -> dict:
+def figures(config, key: str, per_device: int, compiled, rows) -> dict:
   """The plan's numbers for one chip of kind `key` (hardware.CHIPS) running
-  `compiled` on `per_device` images: bytes, FLOPs, seconds. `rows`: the
-  program's `hbm_traffic`, where the caller has it already."""
-  if rows is None:
-    rows = hbm_traffic(compiled.as_text())
+  `compiled` on `per_device` images: bytes, FLOPs, seconds (`rows`: the
+  program's `hbm_traffic`)."""
   m = compiled.memory_analysis()
   counts = dict(
       per_device=per_device, hbm=hardware.CHIPS[key].hbm_gib * GIB,

@@ -81,7 +81,7 @@ def test_cells_stored_before_the_objective_field_are_still_valid(tmp_path):
   every step (num_vae_steps = num_train_steps) and stored no `objective`."""
   config = tiny_config(num_train_steps=7, num_vae_steps=2)
   for name in ('vae', 'betavae', 'introvae'):
-    stored = compare._as_json(compare.cell_config(config, name, 0))
+    stored = compare.as_json(compare.cell_config(config, name, 0))
     del stored['objective'], stored['soft_introvae']
     if name != 'introvae':
       stored['num_vae_steps'] = 7
@@ -103,7 +103,7 @@ def test_cells_stored_before_the_objective_field_are_still_valid(tmp_path):
 def test_stored_cell_is_refused_only_for_fields_its_objective_reads(
     tmp_path, objective, field, value, refused):
   config = tiny_config(num_train_steps=7, num_vae_steps=2, weight_rec=4.0)
-  stored = dict(config=compare._as_json(compare.cell_config(config, objective,
+  stored = dict(config=compare.as_json(compare.cell_config(config, objective,
                                                             0)))
   changed = config.copy_and_resolve_references()
   with changed.unlocked():
