@@ -11,6 +11,7 @@ name, so no process-wide JAX flag leaks into the rest of the suite.
 
 import functools
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -147,6 +148,27 @@ def assert_trees_close(actual, expected, rtol, atol_scale=None, what=''):
     np.testing.assert_allclose(
         a, e, rtol=rtol, atol=atol,
         err_msg=f'{what} {jax.tree_util.keystr(path)}')
+
+
+def machine():
+  """This host, for failure messages whose numbers depend on it: the
+  architecture, CPU model and vector extensions, jaxlib's version."""
+  model, flags = platform.processor() or '?', set()
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        key, _, value = line.partition(':')
+        if key.strip() == 'model name':
+          model = value.strip()
+        elif key.strip() in ('flags', 'Features'):
+          flags = set(value.split())
+          break
+  except OSError:
+    pass
+  isa = sorted(f for f in flags if f.startswith(('avx', 'amx', 'sve', 'fma')))
+  isa = ' '.join(isa) or 'no ISA flags read'
+  return (f'{platform.machine()} {model} ({isa}), {os.cpu_count()} CPUs, '
+          f'jaxlib {jax.lib.__version__}')
 
 
 def adam_moments(opt_state):
