@@ -54,6 +54,11 @@ UNREAD = {
 LOWER_IS_BETTER = ('fd_digit', 'kid_digit_mean', 'fid', 'kid_mean', 'rec_mse',
                    'kl', 'jsd', 'jsd_reference', 'gnelbo')  # (2-D toys: kl..)
 HIGHER_IS_BETTER = ('rec_psnr', 'modes_covered')
+# From this many seeds a side the table also gives the median and quartiles
+# (a distribution, not only a mean: one seed that drops modes moves a mean
+# of KLs by tens); these metrics are also listed seed by seed.
+QUARTILES_FROM = 5
+PER_SEED = ('modes_covered',)
 NUM_GRID_IMAGES = 32
 
 
@@ -95,13 +100,17 @@ def better(metric: str) -> int:
 
 
 def summarize(values: Sequence[float]) -> Dict[str, float]:
-  """mean, std (sample std, ddof=1; 0 for one value) and n of finite values."""
+  """mean, std (sample std, ddof=1; 0 for one value), median, quartiles q1
+  and q3 (linear interpolation between order statistics, numpy's default)
+  and n of the finite values."""
   v = np.asarray([x for x in values if x is not None and math.isfinite(x)],
                  np.float64)
   if not len(v):
-    return dict(mean=float('nan'), std=float('nan'), n=0)
+    nan = float('nan')
+    return dict(mean=nan, std=nan, median=nan, q1=nan, q3=nan, n=0)
+  q1, median, q3 = (float(q) for q in np.percentile(v, (25, 50, 75)))
   return dict(mean=float(v.mean()), std=float(v.std(ddof=1)) if len(v) > 1
-              else 0.0, n=int(len(v)))
+              else 0.0, median=median, q1=q1, q3=q3, n=int(len(v)))
 
 
 def contrast(base: Dict[str, float], other: Dict[str, float], metric: str):
@@ -120,34 +129,51 @@ def contrast(base: Dict[str, float], other: Dict[str, float], metric: str):
 
 def table(cells: List[dict], objectives: Sequence[str]) -> dict:
   """{'metrics': {metric: {objective: summary}}, 'contrasts': {objective:
-  {metric: contrast against objectives[0]}}, 'seeds': {objective: [..]}}."""
+  {metric: contrast against objectives[0]}}, 'seeds': {objective: [..]},
+  'per_seed': {metric in PER_SEED: {objective: [value by seed]}}}."""
   names = sorted({m for c in cells for m in c['metrics']})
-  by_obj = {o: [c for c in cells if c['objective'] == o] for o in objectives}
+  by_obj = {o: sorted((c for c in cells if c['objective'] == o),
+                      key=lambda c: c['seed']) for o in objectives}
   metrics = {m: {o: summarize([c['metrics'].get(m) for c in by_obj[o]])
                  for o in objectives} for m in names}
   contrasts = {o: {m: contrast(metrics[m][objectives[0]], metrics[m][o], m)
                    for m in names} for o in objectives[1:]}
   return dict(metrics=metrics, contrasts=contrasts,
-              seeds={o: sorted(c['seed'] for c in by_obj[o])
-                     for o in objectives})
+              seeds={o: [c['seed'] for c in by_obj[o]] for o in objectives},
+              per_seed={m: {o: [c['metrics'].get(m) for c in by_obj[o]]
+                            for o in objectives}
+                        for m in PER_SEED if m in names})
+
+
+def _cell(s: Dict[str, float], quartiles: bool) -> str:
+  if not s['n']:
+    return 'n/a'
+  text = f'{s["mean"]:.4g} +- {s["std"]:.2g}'
+  if quartiles:
+    text += f'; {s["median"]:.4g} [{s["q1"]:.4g}, {s["q3"]:.4g}]'
+  return text
 
 
 def markdown(summary: dict, objectives: Sequence[str], title: str) -> str:
-  """The table as markdown: one row per metric, mean +- std per objective."""
+  """The table as markdown: one row per metric, mean +- std per objective
+  (and median [q1, q3] from QUARTILES_FROM seeds a side); then the PER_SEED
+  metrics seed by seed."""
   base = objectives[0]
-  head = ['metric'] + [f'{o} (n={len(summary["seeds"][o])})'
-                       for o in objectives]
+  seeds = summary['seeds']
+  quartiles = max(len(seeds[o]) for o in objectives) >= QUARTILES_FROM
+  head = ['metric'] + [f'{o} (n={len(seeds[o])})' for o in objectives]
   head += [f'{o} vs {base}: gain, gap/std' for o in objectives[1:]]
   lines = [f'# {title}', '',
            'Mean +- sample std (ddof=1) over seeds '
-           + ', '.join(f'{o}: {summary["seeds"][o]}' for o in objectives)
+           + ', '.join(f'{o}: {seeds[o]}' for o in objectives)
+           + ('; median [first quartile, third quartile]' if quartiles
+              else '')
            + '. gain: relative improvement of the mean over '
            f'`{base}` (positive = better); gap/std: the improvement over the '
            'larger std of the two.', '',
            '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
   for metric, row in summary['metrics'].items():
-    cols = [metric] + [f'{row[o]["mean"]:.4g} +- {row[o]["std"]:.2g}'
-                       if row[o]['n'] else 'n/a' for o in objectives]
+    cols = [metric] + [_cell(row[o], quartiles) for o in objectives]
     for o in objectives[1:]:
       c = summary['contrasts'][o][metric]
       if c is None:
@@ -157,6 +183,11 @@ def markdown(summary: dict, objectives: Sequence[str], title: str) -> str:
       gap = 'n/a' if c['gap_in_std'] is None else f'{c["gap_in_std"]:+.1f}'
       cols.append(f'{gain}, {gap}')
     lines.append('| ' + ' | '.join(cols) + ' |')
+  for metric, by_objective in summary.get('per_seed', {}).items():
+    lines += ['', f'{metric}, seed by seed:', '']
+    lines += [f'- {o} (seeds {seeds[o]}): '
+              + ' '.join('n/a' if v is None else f'{v:.4g}'
+                         for v in by_objective[o]) for o in objectives]
   return '\n'.join(lines) + '\n'
 
 

@@ -20,7 +20,10 @@ def test_summaries_and_contrasts_by_hand():
   assert s['n'] == 3 and s['mean'] == pytest.approx(6.0)
   # Sample std: sqrt(((3-6)^2 + (5-6)^2 + (10-6)^2) / 2) = sqrt(13).
   assert s['std'] == pytest.approx(np.sqrt(13.0))
-  assert compare.summarize([4.0]) == dict(mean=4.0, std=0.0, n=1)
+  # Quartiles between order statistics: rank (n - 1) * q of 3, 5, 10.
+  assert (s['median'], s['q1'], s['q3']) == (5.0, 4.0, 7.5)
+  assert compare.summarize([4.0]) == dict(mean=4.0, std=0.0, median=4.0,
+                                          q1=4.0, q3=4.0, n=1)
   assert compare.summarize([float('nan'), 2.0])['n'] == 1
   base, other = (dict(mean=200.0, std=5.0, n=3),
                  dict(mean=150.0, std=10.0, n=3))
@@ -41,6 +44,29 @@ def test_summaries_and_contrasts_by_hand():
                  seeds=dict(vae=[0], introvae=[0, 1, 2]))
   row = compare.markdown(summary, ['vae', 'introvae'], 't').splitlines()[-1]
   assert row == '| modes_covered | 0 +- 0 | 8 +- 0 | n/a, n/a |'
+
+
+def test_from_five_seeds_a_side_the_table_gives_quartiles_and_modes_by_seed():
+  kls = [1.5, 1.4, 55.6, 2.0, 30.0]
+  cells = [dict(objective='soft_introvae', seed=s,
+                metrics=dict(kl=kl, modes_covered=6 if kl > 10 else 8))
+           for s, kl in zip((4, 0, 2, 3, 1), kls)]
+  cells += [dict(objective='introvae', seed=s,
+                 metrics=dict(kl=3.0 + s, modes_covered=8)) for s in (0, 1)]
+  summary = compare.table(cells, ['introvae', 'soft_introvae'])
+  assert summary['seeds']['soft_introvae'] == [0, 1, 2, 3, 4]
+  # Sorted KLs 1.4 1.5 2.0 30.0 55.6: median 2.0, quartiles at ranks 1, 3.
+  kl = summary['metrics']['kl']['soft_introvae']
+  assert (kl['median'], kl['q1'], kl['q3']) == (2.0, 1.5, 30.0)
+  text = compare.markdown(summary, ['introvae', 'soft_introvae'], 't')
+  # Mean 90.5 / 5; sample std sqrt(2361.52 / 4) = 24.3.
+  assert '| 18.1 +- 24; 2 [1.5, 30] |' in text
+  assert '- soft_introvae (seeds [0, 1, 2, 3, 4]): 8 6 6 8 8' in text
+  assert '- introvae (seeds [0, 1]): 8 8' in text
+  # Below five seeds a side: mean +- std only, as before.
+  few = compare.table(cells[:3], ['soft_introvae'])
+  assert '; ' not in compare.markdown(few, ['soft_introvae'], 't').split(
+      '| kl |')[1].splitlines()[0]
 
 
 def test_vae_cell_is_the_vae_objective():
