@@ -183,7 +183,7 @@ def markdown(summary: dict, objectives: Sequence[str], title: str) -> str:
       gap = 'n/a' if c['gap_in_std'] is None else f'{c["gap_in_std"]:+.1f}'
       cols.append(f'{gain}, {gap}')
     lines.append('| ' + ' | '.join(cols) + ' |')
-  for metric, by_objective in summary.get('per_seed', {}).items():
+  for metric, by_objective in summary['per_seed'].items():
     lines += ['', f'{metric}, seed by seed:', '']
     lines += [f'- {o} (seeds {seeds[o]}): '
               + ' '.join('n/a' if v is None else f'{v:.4g}'

@@ -41,7 +41,7 @@ def test_summaries_and_contrasts_by_hand():
   assert modes == dict(gain=None, gap_in_std=None)
   summary = dict(metrics={'modes_covered': dict(vae=zero, introvae=eight)},
                  contrasts=dict(introvae={'modes_covered': modes}),
-                 seeds=dict(vae=[0], introvae=[0, 1, 2]))
+                 seeds=dict(vae=[0], introvae=[0, 1, 2]), per_seed={})
   row = compare.markdown(summary, ['vae', 'introvae'], 't').splitlines()[-1]
   assert row == '| modes_covered | 0 +- 0 | 8 +- 0 | n/a, n/a |'
 
